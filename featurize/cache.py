@@ -1,0 +1,492 @@
+"""The HDF5 cache: a dataset index per image folder and append-only feature shards.
+
+Layout under the cache directory (schema version in every file's ``schema_version`` attr)::
+
+    datasets/<name>-<hash8>.h5      one per image folder: the dataset index
+    datasets/<name>-<hash8>.lock    held (flock) while an extract runs on that folder
+    features/<space_id>/space.json  what produced the vectors: backbone, weights digest, ...
+    features/<space_id>/*.h5        immutable shards: ``hash`` (N,) S32 + ``emb`` (N, D)
+
+Why shards: HDF5 has no journal, so a ``kill -9`` while a single growing file is being
+written can leave it unreadable. Every file here is instead written under a temporary
+name, fsync'ed and atomically renamed, and never modified afterwards. A crash loses at
+most the shard being filled (a few seconds of work); leftovers of dead writers are
+deleted on the next run. Features are keyed by image *content hash*, so they are shared by
+every dataset (and by ``predict``) that contains the same bytes, and several writers can
+add shards to one feature space without coordinating (the door to a distributed engine).
+Duplicate rows (a crash during compaction) are removed on read.
+
+This module must not import torch: ``heads`` reads the cache through it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import re
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featurize.errors import UserError
+
+SCHEMA_VERSION = 1
+HASH_DTYPE = "S32"  # blake2b-128 of the file bytes, hex
+_STR = h5py.string_dtype("utf-8")
+STATUS_OK = "ok"
+STATUS_PENDING = "pending"
+
+
+def default_cache_dir() -> Path:
+    """The cache directory used when ``--cache`` is not given: ``$FEATURIZE_CACHE`` or ``./cache``."""
+    return Path(os.environ.get("FEATURIZE_CACHE", "cache"))
+
+
+def content_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Return the blake2b-128 hex digest of a file's bytes (the feature key)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bytes_hash(data: bytes) -> str:
+    """Return the same digest as :func:`content_hash` for bytes already in memory."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_h5(final: Path, fill) -> None:
+    """Write an HDF5 file via ``fill(h5file)`` under a temp name, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            fill(f)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_text(final: Path, text: str) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temp_files(folder: Path) -> int:
+    """Delete ``.*.tmp-<pid>`` files left by writers that no longer run; return how many."""
+    removed = 0
+    for p in folder.glob(".*.tmp-*"):
+        m = re.search(r"\.tmp-(\d+)$", p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _check_schema(f: h5py.File, path: Path, kind: str) -> None:
+    if f.attrs.get("kind") != kind:
+        raise UserError(f"{path} is not a featurize {kind} file; point --cache at a featurize cache directory")
+    version = int(f.attrs.get("schema_version", -1))
+    if version != SCHEMA_VERSION:
+        raise UserError(
+            f"{path} has cache schema {version}, this featurize reads schema {SCHEMA_VERSION}; "
+            "re-run `extract` with a new --cache directory"
+        )
+
+
+def _damaged(path: Path, err: Exception, what: str) -> UserError:
+    return UserError(f"cache file {path} is damaged ({type(err).__name__}: {err}); delete it and re-run `extract` ({what})")
+
+
+# --------------------------------------------------------------------------- feature spaces
+
+
+def space_id_for(config: dict) -> str:
+    """Return a readable, stable id for a feature space.
+
+    ``config`` holds everything that changes the numbers: backbone name, weights digest,
+    preprocessing and precision. The id is ``<backbone-slug>-<12 hex of its JSON digest>``.
+    """
+    canon = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "-", str(config.get("backbone", "model"))).strip("-.")[:40] or "model"
+    return f"{slug}-{hashlib.sha256(canon.encode()).hexdigest()[:12]}"
+
+
+@dataclass
+class FeatureSpace:
+    """The feature vectors of one (backbone, weights, preprocessing, precision) in a cache."""
+
+    cache_dir: Path
+    space_id: str
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cache_dir) / "features" / self.space_id
+
+    def exists(self) -> bool:
+        return (self.folder / "space.json").exists()
+
+    def info(self) -> dict:
+        """Return the metadata written by :meth:`create` (backbone, dim, preprocess, ...)."""
+        path = self.folder / "space.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"no features for space {self.space_id} in {self.cache_dir}; run `extract` first") from None
+        except json.JSONDecodeError as e:
+            raise _damaged(path, e, "the vectors are kept") from None
+
+    def create(self, config: dict, dim: int) -> None:
+        """Record the space's metadata (idempotent)."""
+        if self.exists():
+            return
+        meta = {"space_id": self.space_id, "dim": int(dim), "schema_version": SCHEMA_VERSION, **config}
+        _atomic_text(self.folder / "space.json", json.dumps(meta, indent=2, sort_keys=True))
+
+    def shard_paths(self) -> list[Path]:
+        return sorted(Path(p) for p in glob.glob(str(self.folder / "*.h5")))
+
+    def _read_shard(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            with h5py.File(path, "r") as f:
+                _check_schema(f, path, "shard")
+                hashes = f["hash"][()]
+                emb = f["emb"][()]
+                expected = int(f.attrs["crc32"])
+                n = int(f.attrs["n_rows"])
+        except UserError:
+            raise
+        except Exception as e:  # h5py raises OSError/KeyError/ValueError for damaged files
+            raise _damaged(path, e, "its images will be re-embedded") from None
+        crc = zlib.crc32(emb.tobytes(), zlib.crc32(hashes.tobytes()))
+        if crc != expected or len(hashes) != n or emb.shape[0] != n:
+            raise _damaged(path, ValueError("checksum mismatch"), "its images will be re-embedded")
+        return hashes, emb
+
+    def load(self, only: set[bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(hashes, emb)``: unique content hashes (S32) and their float32 rows.
+
+        ``only`` restricts the result to those hashes (as bytes). Raises ``UserError`` when a
+        shard is damaged.
+        """
+        hs, es = [], []
+        for p in self.shard_paths():
+            h, e = self._read_shard(p)
+            if only is not None:
+                keep = np.fromiter((x in only for x in h), bool, len(h))
+                h, e = h[keep], e[keep]
+            hs.append(h)
+            es.append(e)
+        dim = self.info().get("dim", 0) if self.exists() else 0
+        if not hs:
+            return np.empty(0, HASH_DTYPE), np.empty((0, dim), np.float32)
+        hashes = np.concatenate(hs)
+        emb = np.concatenate(es).astype(np.float32, copy=False)
+        _, first = np.unique(hashes, return_index=True)
+        if len(first) != len(hashes):
+            first.sort()
+            hashes, emb = hashes[first], emb[first]
+        return hashes, emb
+
+    def known_hashes(self) -> set[bytes]:
+        """Return the set of content hashes (bytes) that already have a vector."""
+        out: set[bytes] = set()
+        for p in self.shard_paths():
+            try:
+                with h5py.File(p, "r") as f:
+                    out.update(f["hash"][()].tolist())
+            except Exception as e:
+                raise _damaged(p, e, "its images will be re-embedded") from None
+        return out
+
+    def write_shard(self, hashes: list[str] | np.ndarray, emb: np.ndarray, tag: str = "") -> Path:
+        """Atomically write one immutable shard and return its path."""
+        hashes = np.asarray(hashes, dtype=HASH_DTYPE)
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        if emb.ndim != 2 or len(hashes) != emb.shape[0]:
+            raise ValueError(f"shard rows disagree: {len(hashes)} hashes, emb shape {emb.shape}")
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**9:09d}{tag}.h5"
+
+        def fill(f: h5py.File) -> None:
+            f.attrs.update(kind="shard", schema_version=SCHEMA_VERSION, space_id=self.space_id, n_rows=len(hashes))
+            f.attrs["crc32"] = zlib.crc32(emb.tobytes(), zlib.crc32(hashes.tobytes()))
+            f.create_dataset("hash", data=hashes)
+            f.create_dataset("emb", data=emb, chunks=(min(len(emb), 1024) or 1, emb.shape[1]) if len(emb) else None)
+
+        path = self.folder / name
+        _atomic_h5(path, fill)
+        return path
+
+    def compact(self, max_shards: int = 1) -> bool:
+        """Merge all shards into one when there are more than ``max_shards``; return True if merged.
+
+        Crash-safe: the merged shard is renamed into place before the old ones are deleted,
+        and a crash in between only leaves duplicates, which :meth:`load` drops.
+        """
+        paths = self.shard_paths()
+        if len(paths) <= max_shards:
+            return False
+        hashes, emb = self.load()
+        self.write_shard(hashes, emb, tag="-merged")
+        for p in paths:
+            p.unlink(missing_ok=True)
+        return True
+
+
+class ShardWriter:
+    """Buffers rows and writes a shard every ``max_rows`` rows or ``max_seconds`` seconds.
+
+    The time bound is what limits the work a ``kill -9`` can lose.
+    """
+
+    def __init__(self, space: FeatureSpace, max_rows: int = 4096, max_seconds: float = 5.0):
+        self.space, self.max_rows, self.max_seconds = space, max_rows, max_seconds
+        self._hashes: list[str] = []
+        self._rows: list[np.ndarray] = []
+        self._since = time.monotonic()
+        self.rows_written = 0
+        self.seconds = 0.0
+
+    def add(self, hashes: list[str], emb: np.ndarray) -> None:
+        self._hashes.extend(hashes)
+        self._rows.append(np.asarray(emb, dtype=np.float32))
+        if len(self._hashes) >= self.max_rows or time.monotonic() - self._since >= self.max_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._hashes:
+            self._since = time.monotonic()
+            return
+        t = time.perf_counter()
+        self.space.write_shard(self._hashes, np.concatenate(self._rows))
+        self.rows_written += len(self._hashes)
+        self._hashes, self._rows = [], []
+        self._since = time.monotonic()
+        self.seconds += time.perf_counter() - t
+
+
+# --------------------------------------------------------------------------- dataset index
+
+INDEX_FIELDS = ("path", "label", "split", "hash", "size", "mtime_ns", "status")
+
+
+@dataclass
+class DatasetIndex:
+    """Every file of one image folder: where it is, its label/split, content hash and status.
+
+    ``status`` is ``"ok"`` (decoded and embedded), ``"pending"`` (not embedded yet) or
+    ``"error: <reason>"``. ``extractions`` maps space ids to a summary of the last run.
+    """
+
+    root: str
+    layout: str = "folder"  # folder | split | flat
+    path: list[str] = field(default_factory=list)
+    label: list[str] = field(default_factory=list)
+    split: list[str] = field(default_factory=list)
+    hash: list[str] = field(default_factory=list)
+    size: list[int] = field(default_factory=list)
+    mtime_ns: list[int] = field(default_factory=list)
+    status: list[str] = field(default_factory=list)
+    extractions: dict = field(default_factory=dict)
+    updated_at: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.path)
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({x for x in self.label if x})
+
+    def ok_mask(self) -> np.ndarray:
+        return np.array([s == STATUS_OK for s in self.status], dtype=bool)
+
+    def errors(self) -> list[tuple[str, str]]:
+        return [(p, s[len("error: "):]) for p, s in zip(self.path, self.status) if s.startswith("error")]
+
+
+def dataset_key(root: str | os.PathLike) -> str:
+    """Return the file stem for a dataset folder: ``<folder name>-<8 hex of its real path>``."""
+    real = os.path.realpath(root)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(real.rstrip("/")) or "root")[:40]
+    return f"{name}-{hashlib.sha1(real.encode()).hexdigest()[:8]}"
+
+
+def index_path(cache_dir: str | os.PathLike, root: str | os.PathLike) -> Path:
+    return Path(cache_dir) / "datasets" / f"{dataset_key(root)}.h5"
+
+
+def write_index(path: Path, index: DatasetIndex) -> None:
+    """Atomically replace the dataset index file."""
+    index.updated_at = time.time()
+
+    def fill(f: h5py.File) -> None:
+        f.attrs.update(
+            kind="index",
+            schema_version=SCHEMA_VERSION,
+            root=index.root,
+            layout=index.layout,
+            classes=json.dumps(index.classes),
+            extractions=json.dumps(index.extractions, sort_keys=True),
+            updated_at=index.updated_at,
+        )
+        for name in ("path", "label", "split", "status"):
+            f.create_dataset(name, data=np.array(getattr(index, name), dtype=object), dtype=_STR)
+        f.create_dataset("hash", data=np.array(index.hash, dtype=HASH_DTYPE))
+        f.create_dataset("size", data=np.array(index.size, dtype=np.int64))
+        f.create_dataset("mtime_ns", data=np.array(index.mtime_ns, dtype=np.int64))
+
+    _atomic_h5(path, fill)
+
+
+def read_index(path: str | os.PathLike) -> DatasetIndex:
+    """Read a dataset index file. Raises ``UserError`` if it is missing or damaged."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no dataset index at {path}; run `extract DATA` first")
+    try:
+        with h5py.File(path, "r") as f:
+            _check_schema(f, path, "index")
+            idx = DatasetIndex(
+                root=str(f.attrs["root"]),
+                layout=str(f.attrs["layout"]),
+                extractions=json.loads(f.attrs["extractions"]),
+                updated_at=float(f.attrs["updated_at"]),
+            )
+            for name in ("path", "label", "split", "status"):
+                setattr(idx, name, [x.decode() if isinstance(x, bytes) else x for x in f[name][()]])
+            idx.hash = [x.decode() for x in f["hash"][()]]
+            idx.size = f["size"][()].tolist()
+            idx.mtime_ns = f["mtime_ns"][()].tolist()
+    except UserError:
+        raise
+    except Exception as e:
+        raise _damaged(path, e, "cached features are kept, only the folder is re-scanned") from None
+    lengths = {len(getattr(idx, n)) for n in INDEX_FIELDS}
+    if len(lengths) != 1:
+        raise _damaged(path, ValueError(f"columns of different lengths {sorted(lengths)}"), "features are kept")
+    return idx
+
+
+def list_indexes(cache_dir: str | os.PathLike) -> list[tuple[Path, DatasetIndex]]:
+    """Return every dataset index in the cache, most recently updated first."""
+    out = [(p, read_index(p)) for p in sorted((Path(cache_dir) / "datasets").glob("*.h5"))]
+    return sorted(out, key=lambda t: t[1].updated_at, reverse=True)
+
+
+def find_index(cache_dir: str | os.PathLike, data: str | os.PathLike | None = None) -> tuple[Path, DatasetIndex]:
+    """Return the index for ``data`` or, when ``data`` is None, the most recently extracted one."""
+    cache_dir = Path(cache_dir)
+    if data is not None:
+        p = index_path(cache_dir, data)
+        if not p.exists():
+            raise UserError(f"{data} has not been extracted into {cache_dir}; run `extract {data}` first")
+        return p, read_index(p)
+    found = list_indexes(cache_dir) if (cache_dir / "datasets").is_dir() else []
+    if not found:
+        raise UserError(f"the cache {cache_dir} is empty; run `extract DATA` first (or pass --cache)")
+    return found[0]
+
+
+def resolve_space(cache_dir: str | os.PathLike, index: DatasetIndex, backbone: str | None = None) -> FeatureSpace:
+    """Pick the feature space of ``index`` extracted with ``backbone`` (latest run when None).
+
+    ``backbone`` may be a backbone name (``efficientnet_lite0``) or a full space id.
+    """
+    runs = sorted(index.extractions.items(), key=lambda kv: kv[1].get("finished_at", 0), reverse=True)
+    if not runs:
+        raise UserError(f"{index.root} has no finished extraction in {cache_dir}; run `extract {index.root}`")
+    if backbone is None:
+        return FeatureSpace(Path(cache_dir), runs[0][0])
+    for sid, info in runs:
+        if backbone in (sid, info.get("backbone")):
+            return FeatureSpace(Path(cache_dir), sid)
+    have = ", ".join(sorted({info.get("backbone", sid) for sid, info in runs}))
+    raise UserError(
+        f"{index.root} was not extracted with backbone {backbone!r} (cached: {have}); "
+        f"run `extract {index.root} --backbone {backbone}`"
+    )
+
+
+def load_features(
+    cache_dir: str | os.PathLike, index: DatasetIndex, space: FeatureSpace
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Join the index with a feature space.
+
+    Returns ``(X, labels, splits, paths)`` for the index rows with status ok whose hash has
+    a vector, in index order. ``X`` is float32 (N, D).
+    """
+    ok = index.ok_mask()
+    want = [index.hash[i].encode() for i in np.flatnonzero(ok)]
+    hashes, emb = space.load(only=set(want))
+    row = {h: i for i, h in enumerate(hashes.tolist())}
+    take = [i for i in np.flatnonzero(ok) if index.hash[i].encode() in row]
+    X = emb[[row[index.hash[i].encode()] for i in take]] if take else np.empty((0, emb.shape[1]), np.float32)
+    pick = lambda col: np.array([col[i] for i in take], dtype=object)  # noqa: E731
+    return X, pick(index.label), pick(index.split), pick(index.path)
+
+
+class CacheLock:
+    """An exclusive, non-blocking lock on one dataset's index (released even on kill -9)."""
+
+    def __init__(self, path: Path, wait: bool = False):
+        self.path, self.wait, self._fh = Path(path), wait, None
+
+    def __enter__(self) -> "CacheLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+")
+        flags = fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(self._fh, flags)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "?"
+            self._fh.close()
+            raise UserError(
+                f"another extract (pid {holder}) is writing {self.path.with_suffix('.h5').name} in this cache; "
+                "wait for it to finish or pass --wait"
+            ) from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(str(os.getpid()))
+        self._fh.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()

@@ -1,0 +1,10 @@
+"""The one error type users see.
+
+A ``UserError`` means the input or environment is wrong in a way the user can fix;
+the CLI prints its message on one line and exits with code 1. Any other exception
+is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names the problem and the fix."""
