@@ -252,6 +252,18 @@ class FeatureSpace:
         _atomic_h5(path, fill)
         return path
 
+    def quarantine_damaged(self) -> list[Path]:
+        """Rename unreadable shards to ``*.damaged`` so their images are re-embedded; return them."""
+        moved = []
+        for p in self.shard_paths():
+            try:
+                self._read_shard(p)
+            except UserError:
+                target = p.with_suffix(".damaged")
+                os.replace(p, target)
+                moved.append(target)
+        return moved
+
     def compact(self, max_shards: int = 1) -> bool:
         """Merge all shards into one when there are more than ``max_shards``; return True if merged.
 

