@@ -75,9 +75,114 @@ def cmd_backbones(args) -> dict:
     return {"backbones": rows}
 
 
+# --------------------------------------------------------------------------- heads: fit, compare, predict, report
+# (issue 3) The work happens in heads.commands; these functions only parse and wire. Nothing here
+# imports torch except predict's embedder, and only when an input file is not in the cache yet.
+
+
+def _head_args(p, default_head: str | None = "logreg") -> None:
+    p.add_argument("--head", default=default_head, help="head name (see `fit --head list`): logreg, svm, svm-linear, "
+                   "svm-rbf, mlp, knn, centroid")
+    p.add_argument("--data", default=None, help="dataset folder given to `extract` (default: the latest extracted)")
+    p.add_argument("--backbone", default=None, help="backbone name or space id (default: the latest extraction)")
+
+
+def add_fit(sub) -> None:
+    p = sub.add_parser("fit", help="train a head on cached features; print held-out metrics; save it")
+    _head_args(p)
+    p.add_argument("--class-weight", choices=["none", "balanced"], default="none", help="balanced: weight classes "
+                   "inversely to their frequency and choose hyper-parameters by balanced accuracy")
+    p.add_argument("--out", default=None, help="head file (default: <cache>/heads/<dataset>/<space>/<head>.joblib)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int, default=5, help="outer CV folds when the data has no train/test split")
+    p.add_argument("--n-jobs", type=int, default=None, help="parallel hyper-parameter fits (default 1)")
+    _common(p)
+    p.set_defaults(func=cmd_fit)
+
+
+def cmd_fit(args) -> dict:
+    from heads.commands import run_fit
+
+    return run_fit(_cache(args), head=args.head, data=args.data, backbone=args.backbone, out=args.out,
+                   class_weight=None if args.class_weight == "none" else args.class_weight, seed=args.seed,
+                   folds=args.folds, n_jobs=args.n_jobs)
+
+
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="leaderboard: every head x every cached backbone (table, CSV, JSON)")
+    p.add_argument("--data", default=None, help="dataset folder (default: the latest extracted)")
+    p.add_argument("--heads", default=None, help="comma-separated heads (default: all)")
+    p.add_argument("--backbones", default=None, help="comma-separated backbones or space ids (default: all cached)")
+    p.add_argument("--class-weight", choices=["none", "balanced"], default="none")
+    p.add_argument("--out", default=None, help="path stem for .csv/.json (default: <cache>/reports/compare-<dataset>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--n-jobs", type=int, default=None)
+    _common(p)
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> dict:
+    from heads.commands import run_compare
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    return run_compare(_cache(args), data=args.data, heads=split(args.heads), backbones=split(args.backbones),
+                       out=args.out, class_weight=None if args.class_weight == "none" else args.class_weight,
+                       seed=args.seed, folds=args.folds, n_jobs=args.n_jobs, quiet=args.json)
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="label image files/folders with a fitted head")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    _head_args(p)
+    p.add_argument("--model", default=None, help="a head file written by `fit` (instead of --head/--data)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="stdout format")
+    p.add_argument("--trust", action="store_true", help="load a head file this tool did not write (runs pickle code)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    _common(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> dict:
+    from heads.commands import run_predict
+
+    cache = _cache(args)
+
+    def embed(space_id: str, paths: list[str]):
+        from featurize.extract import embed_paths  # torch: only for files not embedded yet
+
+        return embed_paths(paths, space_id, cache, batch_size=args.batch_size, device=args.device)
+
+    return run_predict(cache, args.inputs, head=args.head, model=args.model, data=args.data, backbone=args.backbone,
+                       top_k=args.top_k, fmt=args.format, trust=args.trust, embed=embed)
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="self-contained HTML report of a fitted head (metrics, confusion, errors)")
+    _head_args(p)
+    p.add_argument("--model", default=None, help="a head file written by `fit` (instead of --head/--data)")
+    p.add_argument("--out", default=None, help="report folder (default: next to the head file)")
+    p.add_argument("--max-errors", type=int, default=60, help="thumbnails in the error gallery")
+    _common(p)
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> dict:
+    from heads.commands import run_report
+
+    return run_report(_cache(args), head=args.head, model=args.model, data=args.data, backbone=args.backbone,
+                      out=args.out, max_errors=args.max_errors)
+
+
+HEAD_COMMANDS = [add_fit, add_compare, add_predict, add_report]
+# --------------------------------------------------------------------------- end of heads section
+
+
 # --------------------------------------------------------------------------- main
 
-COMMANDS = [add_extract, add_backbones]
+COMMANDS = [add_extract, add_backbones] + HEAD_COMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:

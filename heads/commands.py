@@ -1,0 +1,153 @@
+"""What the CLI commands fit, compare, predict and report do (cli.py only parses and wires).
+
+Each ``run_*`` prints its human-readable output and returns a JSON-able dict (metrics,
+timings, file paths) that ``--json`` prints as the last line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from featurize.errors import UserError
+from heads.metrics import format_metrics
+from heads.protocol import evaluate, head_path, load_labelled
+from heads.registry import check_head_name
+from heads.store import check_space, load_head, read_meta, save_head
+
+
+def run_fit(cache_dir, head="logreg", data=None, backbone=None, out=None, class_weight=None, seed=0, folds=5,
+            n_jobs=None) -> dict:
+    """Fit ``head`` on the cached features of a dataset, print its metrics and save it; returns a summary."""
+    check_head_name(head)  # a typo fails before any file is read
+    t0 = time.perf_counter()
+    lf = load_labelled(cache_dir, data, backbone)
+    load_s = time.perf_counter() - t0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter from the extreme ends of the C sweep
+        ev = evaluate(head, lf.X, lf.y, lf.splits, lf.paths, class_weight=class_weight, seed=seed, folds=folds,
+                      n_jobs=n_jobs)
+    backbone_name = lf.space_info.get("backbone", lf.space_id)
+    path = Path(out) if out else head_path(cache_dir, lf.index_path, lf.space_id, head)
+    meta = {
+        "head": head, "resolved": ev.resolved, "class_weight": class_weight, "seed": seed, "folds": folds,
+        "protocol": ev.protocol, "dataset": lf.root, "index_path": lf.index_path, "layout": lf.layout,
+        "space_id": lf.space_id, "backbone": backbone_name, "dim": int(lf.X.shape[1]),
+        "preprocess": lf.space_info.get("preprocess"), "classes": ev.classes, "n_images": int(len(lf.y)),
+        "metrics": ev.metrics, "best_params": ev.best_params,
+        "timings": {"load_s": round(load_s, 3), "fit_s": round(ev.fit_seconds, 3), "eval_s": round(ev.eval_seconds, 3)},
+        "errors": ev.errors,
+    }
+    saved = save_head(path, ev.estimator, meta)
+    alias = f" ({ev.resolved})" if ev.resolved != head else ""
+    how = "fit on train, scored on " + "/".join(ev.metrics) if ev.protocol == "split" else \
+        f"stratified {ev.protocol[3:]}-fold CV (mean +/- std), final head fit on all {len(lf.y)} images"
+    print(f"head {head}{alias} | {lf.root} | backbone {backbone_name} ({lf.space_id}) | {len(lf.y)} images, "
+          f"{len(ev.classes)} classes | {how}")
+    print(format_metrics(ev.metrics))
+    print(f"best hyper-parameters (inner CV on training data): {json.dumps(ev.best_params, default=str)}")
+    print(f"fit time: {ev.fit_seconds:.2f} s (final head)  | protocol total {ev.eval_seconds:.2f} s  | "
+          f"features loaded in {load_s:.2f} s")
+    print(f"saved: {saved['path']}")
+    return {"head": head, "resolved": ev.resolved, "dataset": lf.root, "backbone": backbone_name,
+            "space_id": lf.space_id, "protocol": ev.protocol, "classes": ev.classes, "metrics": ev.metrics,
+            "best_params": ev.best_params, "timings": meta["timings"],
+            "paths": {"model": saved["path"], "meta": saved["meta_path"]}, "sha256": saved["sha256"]}
+
+
+def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, class_weight=None, seed=0, folds=5,
+                n_jobs=None, quiet=False) -> dict:
+    """Run the leaderboard, print it and write CSV + JSON; returns the rows and file paths."""
+    from featurize.cache import find_index
+    from heads.compare import compare, format_leaderboard, write_leaderboard
+
+    ipath, _ = find_index(cache_dir, data)
+    result = compare(cache_dir, data, heads, backbones, class_weight=class_weight, seed=seed, folds=folds,
+                     n_jobs=n_jobs, log=None if quiet else (lambda s: print(s, file=sys.stderr)))
+    stem = Path(out) if out else Path(cache_dir) / "reports" / f"compare-{ipath.stem}"
+    paths = write_leaderboard(result, stem)
+    print(f"leaderboard for {result['dataset']} ({len(result['rows'])} runs, {result['seconds']:.1f} s)")
+    print(format_leaderboard(result))
+    print(f"written: {paths['csv']}  {paths['json']}")
+    return {**result, "paths": paths}
+
+
+def _head_file(cache_dir, head, model, data, backbone) -> Path:
+    if model:
+        return Path(model)
+    from featurize.cache import find_index, resolve_space
+
+    check_head_name(head)
+    ipath, index = find_index(cache_dir, data)
+    space = resolve_space(cache_dir, index, backbone)
+    path = head_path(cache_dir, ipath, space.space_id, head)
+    if not path.exists():
+        raise UserError(f"no fitted {head} head for {index.root} with {space.info().get('backbone', space.space_id)}; "
+                        f"run `fit --head {head}` first (or pass --model PATH)")
+    return path
+
+
+def _check_backbone(meta: dict, backbone, path) -> None:
+    if backbone and backbone not in (meta.get("space_id"), meta.get("backbone")):
+        check_space(meta, backbone, backbone, path)  # raises, naming both spaces
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Expand files and folders into image paths; missing inputs become per-file errors."""
+    import os
+
+    from featurize.dataset import list_images  # torch-free folder walk shared with `extract`
+
+    files, errors = [], []
+    for p in inputs:
+        if not os.path.exists(p):
+            errors.append((p, "no such file or folder"))
+        else:
+            files.extend(list_images([p]))
+    return list(dict.fromkeys(files)), errors
+
+
+def run_predict(cache_dir, inputs, head="logreg", model=None, data=None, backbone=None, top_k=3, fmt="table",
+                trust=False, embed=None) -> dict:
+    """Classify files/folders; prints rows to stdout (table/csv/json) and bad files to stderr."""
+    from heads.predict import format_rows, predict_files
+
+    t0 = time.perf_counter()
+    path = _head_file(cache_dir, head, model, data, backbone)
+    estimator, meta = load_head(path, trust=trust)
+    _check_backbone(meta, backbone, path)
+    files, errors = expand_inputs(inputs)
+    if not files and not errors:
+        raise UserError(f"no image files in {', '.join(inputs)}; pass image files or folders of images")
+    sid = meta["space_id"]
+    rows, bad = predict_files(estimator, meta, files, cache_dir,
+                              embed=(lambda paths: embed(sid, paths)) if embed else None, top_k=top_k)
+    errors += bad
+    for p, reason in errors:
+        print(f"skipped {p}: {reason}", file=sys.stderr)
+    if rows:
+        print(json.dumps(rows, indent=1) if fmt == "json" else format_rows(rows, fmt))
+    if not rows:
+        raise UserError(f"none of the {len(files) + len(errors)} inputs could be classified (see the skipped lines); "
+                        "pass readable image files")
+    return {"model": str(path), "head": meta.get("head"), "space_id": sid, "backbone": meta.get("backbone"),
+            "predictions": rows, "errors": [{"path": p, "reason": r} for p, r in errors],
+            "timings": {"total_s": round(time.perf_counter() - t0, 3)}}
+
+
+def run_report(cache_dir, head="logreg", model=None, data=None, backbone=None, out=None, max_errors=60) -> dict:
+    """Write the HTML report (+ PNGs) of a fitted head; reads only its JSON metadata, never the pickle."""
+    from heads.report import build_report
+
+    path = _head_file(cache_dir, head, model, data, backbone)
+    meta = read_meta(path)
+    _check_backbone(meta, backbone, path)
+    out_dir = Path(out) if out else path.with_name(f"{path.stem}-report")
+    t0 = time.perf_counter()
+    files = build_report(meta, out_dir, max_errors=max_errors)
+    print(f"report: {files['html']}  ({len(files['pngs'])} PNGs, {files['gallery']} misclassified thumbnails, "
+          f"{time.perf_counter() - t0:.1f} s)")
+    return {"model": str(path), "paths": files, "metrics": meta.get("metrics")}

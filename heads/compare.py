@@ -1,0 +1,91 @@
+"""Leaderboard: every head x every cached backbone of one dataset, same protocol for all."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+import warnings
+from pathlib import Path
+
+from featurize.errors import UserError
+from heads.protocol import evaluate, load_labelled, primary
+from heads.registry import check_head_name, list_heads
+
+COLUMNS = ("rank", "backbone", "head", "protocol", "scored_on", "accuracy", "accuracy_std", "balanced_accuracy",
+           "macro_f1", "roc_auc", "log_loss", "fit_s", "eval_s", "best_params", "space_id")
+
+
+def compare(cache_dir, data=None, heads=None, backbones=None, *, class_weight=None, seed=0, folds=5, n_jobs=None,
+            log=print) -> dict:
+    """Evaluate each head on each feature space of a dataset and rank them.
+
+    Takes the cache dir, dataset folder (latest when None), head names (all distinct heads
+    when None; the ``svm`` alias is covered by ``svm-linear``/``svm-rbf``), backbones (every
+    cached one when None) and the protocol options. Returns ``{"dataset", "rows", "seconds"}``
+    with rows sorted best first. Raises ``UserError`` for unknown heads or backbones.
+    """
+    from featurize.cache import find_index, resolve_space
+
+    t0 = time.perf_counter()
+    heads = [check_head_name(h) for h in (heads or list_heads(distinct=True))]
+    _, index = find_index(cache_dir, data)
+    spaces = [resolve_space(cache_dir, index, b).space_id for b in backbones] if backbones else \
+        sorted(index.extractions, key=lambda s: -index.extractions[s].get("finished_at", 0))
+    if not spaces:
+        raise UserError(f"{index.root} has no finished extraction in {cache_dir}; run `extract {index.root}`")
+    rows = []
+    for sid in spaces:
+        lf = load_labelled(cache_dir, data if data is not None else index.root, sid)
+        backbone = lf.space_info.get("backbone", sid)
+        for h in heads:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # convergence chatter from the sweep's extreme C values
+                ev = evaluate(h, lf.X, lf.y, lf.splits, lf.paths, class_weight=class_weight, seed=seed, folds=folds,
+                              n_jobs=n_jobs)
+            part, m = primary(ev.metrics)
+            std = ev.metrics["cv"]["std"].get("accuracy") if part == "cv" else None
+            rows.append({"backbone": backbone, "head": ev.resolved if h == "svm" else h, "protocol": ev.protocol,
+                         "scored_on": part, "accuracy": m.get("accuracy"), "accuracy_std": std,
+                         "balanced_accuracy": m.get("balanced_accuracy"), "macro_f1": m.get("macro_f1"),
+                         "roc_auc": m.get("roc_auc"), "log_loss": m.get("log_loss"),
+                         "fit_s": round(ev.fit_seconds, 3), "eval_s": round(ev.eval_seconds, 3),
+                         "best_params": json.dumps(ev.best_params, default=str), "space_id": sid})
+            if log:
+                log(f"  {backbone:<22}{h:<12}acc {m.get('accuracy', float('nan')):.4f}  ({ev.eval_seconds:.1f} s)")
+    rows.sort(key=lambda r: (-(r["accuracy"] or 0), -(r["balanced_accuracy"] or 0), r["eval_s"]))
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return {"dataset": index.root, "rows": rows, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _cell(v, k):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}" if k.endswith("_s") else f"{v:.4f}"
+    return str(v)
+
+
+def format_leaderboard(result: dict) -> str:
+    """Render the leaderboard as a text table."""
+    cols = ("rank", "backbone", "head", "scored_on", "accuracy", "accuracy_std", "balanced_accuracy", "macro_f1",
+            "log_loss", "fit_s", "eval_s")
+    widths = {c: max(len(c), *(len(_cell(r[c], c)) for r in result["rows"])) for c in cols}
+    lines = ["  ".join(f"{c:>{widths[c]}}" for c in cols)]
+    for r in result["rows"]:
+        lines.append("  ".join(f"{_cell(r[c], c):>{widths[c]}}" for c in cols))
+    return "\n".join(lines)
+
+
+def write_leaderboard(result: dict, stem) -> dict:
+    """Write ``<stem>.csv`` and ``<stem>.json``; returns their paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows([{c: r.get(c) for c in COLUMNS} for r in result["rows"]])
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    return {"csv": str(csv_path), "json": str(json_path)}

@@ -1,0 +1,88 @@
+"""Classify image files with a fitted head.
+
+Vectors come from the cache when the file's content hash is already embedded in the head's
+feature space (no torch needed); the rest go to ``embed``, a callable the CLI supplies
+(``featurize.extract.embed_paths`` bound to the head's space), so this module stays torch-free.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Callable
+
+import numpy as np
+
+from featurize.cache import FeatureSpace, content_hash
+
+Embed = Callable[[list], tuple]  # paths -> (X, ok_paths, [(path, reason)])
+
+
+def cached_vectors(cache_dir, space_id: str, paths: list[str]):
+    """Look files up in the cache by content hash.
+
+    Returns ``(found {path: vector}, missing [paths], errors [(path, reason)])``.
+    """
+    hashes, errors = {}, []
+    for p in paths:
+        try:
+            hashes[p] = content_hash(p)
+        except OSError as e:
+            errors.append((p, f"unreadable ({e.strerror or e})"))
+    space = FeatureSpace(cache_dir, space_id)
+    found = {}
+    if space.exists() and hashes:
+        got_h, got_e = space.load(only={h.encode() for h in hashes.values()})
+        row = {h: i for i, h in enumerate(got_h.tolist())}
+        found = {p: got_e[row[h.encode()]] for p, h in hashes.items() if h.encode() in row}
+    missing = [p for p in hashes if p not in found]
+    return found, missing, errors
+
+
+def predict_files(estimator, meta: dict, paths: list[str], cache_dir, embed: Embed | None = None, top_k: int = 3):
+    """Predict a label, its probability and the top-k classes for each file.
+
+    Takes the fitted head, its meta (``space_id``), file paths, the cache dir, an optional
+    embedder for files not in the cache, and k. Returns ``(rows, errors)``: rows in input
+    order ``{path, label, probability, top_k: [[label, p], ...]}`` and ``[(path, reason)]``
+    for files that could not be read or decoded. Never raises for a bad image.
+    """
+    found, missing, errors = cached_vectors(cache_dir, meta["space_id"], paths)
+    if missing and embed is not None:
+        X_new, ok_new, err_new = embed(missing)
+        found.update(zip(ok_new, X_new))
+        errors += [(str(p), str(r)) for p, r in err_new]
+    elif missing:
+        errors += [(p, "not in the cache and no embedder available") for p in missing]
+    ordered = [p for p in paths if p in found]
+    if not ordered:
+        return [], errors
+    X = np.vstack([found[p] for p in ordered]).astype(np.float32)
+    proba = estimator.predict_proba(X)
+    classes = [str(c) for c in estimator.classes_]
+    k = max(1, min(top_k, len(classes)))
+    rows = []
+    for p, pr in zip(ordered, proba):
+        top = np.argsort(-pr)[:k]
+        rows.append({"path": p, "label": classes[top[0]], "probability": float(pr[top[0]]),
+                     "top_k": [[classes[j], float(pr[j])] for j in top]})
+    return rows, errors
+
+
+def format_rows(rows: list[dict], fmt: str = "table") -> str:
+    """Render prediction rows as ``table`` (aligned text) or ``csv``."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "label", "probability", "top_k"])
+        for r in rows:
+            w.writerow([r["path"], r["label"], f"{r['probability']:.4f}",
+                        ";".join(f"{lab}:{p:.4f}" for lab, p in r["top_k"])])
+        return buf.getvalue().rstrip("\n")
+    width = min(60, max([len(r["path"]) for r in rows] + [4]))
+    lines = [f"{'path':<{width}}  {'label':<16}{'prob':>7}  top-k"]
+    for r in rows:
+        path = r["path"] if len(r["path"]) <= width else "..." + r["path"][-(width - 3):]
+        top = ", ".join(f"{lab} {p:.2f}" for lab, p in r["top_k"])
+        lines.append(f"{path:<{width}}  {r['label'][:16]:<16}{r['probability']:>7.3f}  {top}")
+    return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""The evaluation protocol: no test data ever touches training or hyper-parameter choice.
+
+* split layout (``train`` plus ``val`` and/or ``test``): fit on train (hyper-parameters by
+  inner CV on train only), score on val and on test, and keep that fitted head.
+* otherwise: stratified k-fold cross-validation (each outer fold tunes on its own training
+  part), metrics as mean +/- std over folds plus pooled out-of-fold predictions for the
+  confusion matrix; then the final head is fit on everything.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featurize.errors import UserError
+from heads.metrics import compute_metrics, summarize_folds
+from heads.registry import check_head_name, make_head, resolve_alias
+
+MAX_KEPT_ERRORS = 300  # misclassified held-out rows kept in the head file for the report gallery
+
+
+@dataclass
+class LabelledFeatures:
+    """The labelled rows of one dataset in one feature space."""
+
+    X: np.ndarray
+    y: np.ndarray
+    splits: np.ndarray
+    paths: np.ndarray
+    index_path: str
+    root: str
+    layout: str
+    space_id: str
+    space_info: dict = field(default_factory=dict)
+
+
+def load_labelled(cache_dir, data=None, backbone=None) -> LabelledFeatures:
+    """Read the cached features of ``data`` (latest extracted dataset when None).
+
+    Takes the cache dir, dataset folder and backbone (name or space id; latest when None);
+    returns ``LabelledFeatures`` with only labelled rows. Raises ``UserError`` for an empty
+    cache, missing extraction, no labels, or fewer than two classes.
+    """
+    from featurize.cache import find_index, load_features, resolve_space
+
+    ipath, index = find_index(cache_dir, data)
+    space = resolve_space(cache_dir, index, backbone)
+    X, labels, splits, paths = load_features(cache_dir, index, space)
+    if len(X) == 0:
+        raise UserError(f"no embedded images for {index.root} in space {space.space_id}; run `extract {index.root}`")
+    keep = np.array([bool(lab) for lab in labels], dtype=bool)
+    if not keep.any():
+        raise UserError(f"the images of {index.root} have no labels (flat folder); "
+                        f"arrange them as {index.root}/<class>/*.jpg and re-run `extract`")
+    out = LabelledFeatures(X[keep], labels[keep].astype(str), splits[keep].astype(str), paths[keep].astype(str),
+                           str(ipath), index.root, index.layout, space.space_id, space.info())
+    check_labels(out.y, out.splits)
+    return out
+
+
+def has_split(splits) -> bool:
+    """True when the rows carry a train split and at least one held-out split."""
+    s = set(np.asarray(splits).tolist())
+    return "train" in s and bool(s & {"val", "test"})
+
+
+def check_labels(y, splits=None, folds: int = 5) -> None:
+    """Raise ``UserError`` unless every class can be trained and validated.
+
+    Takes labels and optional split names; needs at least two classes in the training part
+    and at least two images per class there (one for fitting, one for choosing its
+    hyper-parameters).
+    """
+    y = np.asarray(y)
+    train = y[np.asarray(splits) == "train"] if splits is not None and has_split(splits) else y
+    classes, counts = np.unique(train, return_counts=True)
+    where = "the train split" if splits is not None and has_split(splits) else "the dataset"
+    if len(classes) < 2:
+        raise UserError(f"{where} has only one class ({', '.join(map(str, classes)) or 'none'}); "
+                        "a classifier needs at least 2 class folders")
+    lonely = [str(c) for c, n in zip(classes, counts) if n < 2]
+    if lonely:
+        raise UserError(f"class {', '.join(map(repr, lonely))} has a single image in {where}; "
+                        "add at least one more image to it (2+ per class, ideally 10+) or remove that class folder")
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate`` measured and the fitted final head."""
+
+    head: str  # the name asked for
+    resolved: str  # the concrete head (svm -> svm-linear/svm-rbf)
+    protocol: str  # "split" or "cv-<k>"
+    metrics: dict  # {"val": ..., "test": ...} or {"cv": {... pooled, "mean": ..., "std": ...}}
+    estimator: object
+    classes: list
+    fit_seconds: float  # fitting the final head (search included)
+    eval_seconds: float  # the whole protocol, final fit included
+    best_params: dict
+    errors: list  # misclassified held-out rows: {path, true, pred, prob}
+
+
+def _proba(est, X):
+    return est.predict_proba(X) if hasattr(est, "predict_proba") else None
+
+
+def _misclassified(paths, y, pred, proba, classes, part):
+    rows = []
+    for i in np.flatnonzero(pred != y)[:MAX_KEPT_ERRORS]:
+        prob = float(proba[i, classes.index(pred[i])]) if proba is not None else None
+        rows.append({"path": str(paths[i]), "true": str(y[i]), "pred": str(pred[i]), "prob": prob, "part": part})
+    return rows
+
+
+def _jsonable(params: dict) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
+
+
+def evaluate(head: str, X, y, splits=None, paths=None, *, class_weight=None, seed: int = 0, folds: int = 5,
+             n_jobs=None) -> Evaluation:
+    """Run the protocol for one head and return an ``Evaluation`` holding the final fitted head.
+
+    Takes the head name, features ``X`` (n, d), labels ``y``, split names (``''`` when
+    none), file paths (for the error gallery), class weighting, seed, and the number of
+    outer folds. Raises ``UserError`` for an unknown head or unusable labels.
+    """
+    check_head_name(head)
+    X, y = np.asarray(X), np.asarray(y).astype(str)
+    splits = np.asarray(splits if splits is not None else [""] * len(y)).astype(str)
+    paths = np.asarray(paths if paths is not None else [""] * len(y)).astype(str)
+    check_labels(y, splits, folds)
+    t0 = time.perf_counter()
+    if has_split(splits):
+        train = splits == "train"
+        classes = sorted(set(y[train]))
+        est = make_head(head, class_weight=class_weight, seed=seed, n_samples=int(train.sum()), n_jobs=n_jobs)
+        t = time.perf_counter()
+        est.fit(X[train], y[train])
+        fit_s = time.perf_counter() - t
+        metrics, errors = {}, []
+        for part in ("val", "test"):
+            m = splits == part
+            if m.any():
+                pred, proba = est.predict(X[m]), _proba(est, X[m])
+                metrics[part] = compute_metrics(y[m], pred, proba, classes)
+                errors += _misclassified(paths[m], y[m], pred, proba, classes, part)
+        protocol, n_train = "split", int(train.sum())
+    else:
+        from sklearn.model_selection import StratifiedKFold
+
+        classes = sorted(set(y))
+        k = min(folds, int(np.unique(y, return_counts=True)[1].min()))
+        outer = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        pred = np.empty(len(y), dtype=object)
+        proba = np.zeros((len(y), len(classes)))
+        fold_metrics = []
+        for tr, te in outer.split(X, y):
+            est = make_head(head, class_weight=class_weight, seed=seed, n_samples=len(tr), n_jobs=n_jobs)
+            est.fit(X[tr], y[tr])
+            pred[te] = est.predict(X[te])
+            p = _proba(est, X[te])
+            if p is not None:  # a fold may miss no class (stratified), so columns match `classes`
+                proba[te] = p
+            fold_metrics.append(compute_metrics(y[te], pred[te], p, classes))
+        pred = pred.astype(str)
+        pooled = compute_metrics(y, pred, proba, classes)
+        pooled["mean"], pooled["std"] = summarize_folds(fold_metrics)
+        pooled["folds"] = k
+        metrics = {"cv": pooled}
+        errors = _misclassified(paths, y, pred, proba, classes, "cv")
+        est = make_head(head, class_weight=class_weight, seed=seed, n_samples=len(y), n_jobs=n_jobs)
+        t = time.perf_counter()
+        est.fit(X, y)
+        fit_s = time.perf_counter() - t
+        protocol, n_train = f"cv-{k}", len(y)
+    return Evaluation(
+        head=head, resolved=resolve_alias(head, n_train), protocol=protocol, metrics=metrics, estimator=est,
+        classes=classes, fit_seconds=fit_s, eval_seconds=time.perf_counter() - t0,
+        best_params=_jsonable(getattr(est, "best_params_", {})), errors=errors,
+    )
+
+
+def primary(metrics: dict) -> tuple[str, dict]:
+    """Return ``(part, scalars)`` used to rank heads: test, else val, else cross-validated mean."""
+    for part in ("test", "val"):
+        if part in metrics:
+            return part, metrics[part]
+    return "cv", metrics["cv"]["mean"]
+
+
+def head_path(cache_dir, index_path, space_id: str, head: str) -> Path:
+    """Default file for a fitted head: ``<cache>/heads/<dataset>/<space_id>/<head>.joblib``."""
+    return Path(cache_dir) / "heads" / Path(index_path).stem / space_id / f"{head}.joblib"

@@ -1,0 +1,142 @@
+"""Saving and loading fitted heads, with provenance and a trust check.
+
+Format: a joblib file ``{"format": "featurize-head", "meta": {...}, "estimator": ...}`` plus a
+readable ``<name>.json`` sidecar holding the same ``meta`` (reports and listings read that,
+never the pickle).
+
+Why a digest registry: joblib/pickle files can run arbitrary code when loaded. Every head this
+tool writes has its SHA-256 recorded in ``$FEATURIZE_HOME/trusted_heads.json`` (default
+``~/.featurize``), outside any folder users exchange. ``load_head`` hashes the file first
+and refuses an unknown digest (a file from elsewhere, or one modified since it was written)
+unless the caller passes ``trust=True`` (CLI ``--trust``), which records it. We chose this
+over skops because it needs no extra dependency and keeps the custom estimators loadable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from featurize.errors import UserError
+
+FORMAT = "featurize-head"
+FORMAT_VERSION = 1
+
+
+def trust_file() -> Path:
+    """Return the registry of trusted head digests (``$FEATURIZE_HOME/trusted_heads.json``)."""
+    return Path(os.environ.get("FEATURIZE_HOME", Path.home() / ".featurize")) / "trusted_heads.json"
+
+
+def file_digest(path) -> str:
+    """Return the SHA-256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_trust() -> dict:
+    try:
+        return json.loads(trust_file().read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError:
+        raise UserError(f"{trust_file()} is damaged; delete it (heads will then need --trust once)") from None
+
+
+def _trust(digest: str, path) -> None:
+    reg = _read_trust()
+    reg[digest] = {"path": str(Path(path).resolve()), "trusted_at": time.time()}
+    f = trust_file()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(reg, indent=1, sort_keys=True))
+    os.replace(tmp, f)
+
+
+def versions() -> dict:
+    """Library versions recorded in every head (a head may not load across major sklearn versions)."""
+    import h5py
+    import joblib
+    import numpy
+    import sklearn
+
+    return {"python": platform.python_version(), "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
+            "joblib": joblib.__version__, "h5py": h5py.__version__}
+
+
+def save_head(path, estimator, meta: dict) -> dict:
+    """Write ``estimator`` with ``meta`` to ``path`` (+ ``.json`` sidecar) and trust its digest.
+
+    Takes the file path, the fitted estimator and a JSON-able provenance dict (must hold
+    ``space_id`` and ``classes``); returns ``{"path", "meta_path", "sha256"}``.
+    """
+    import joblib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), "saved_at": time.time()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    joblib.dump({"format": FORMAT, "meta": meta, "estimator": estimator}, tmp, compress=3)
+    os.replace(tmp, path)
+    digest = file_digest(path)
+    _trust(digest, path)
+    meta_path = path.with_suffix(".json")
+    meta_path.write_text(json.dumps({**meta, "sha256": digest}, indent=1, default=str))
+    return {"path": str(path), "meta_path": str(meta_path), "sha256": digest}
+
+
+def read_meta(path) -> dict:
+    """Return a head's provenance from its ``.json`` sidecar without unpickling anything."""
+    meta_path = Path(path).with_suffix(".json")
+    if not meta_path.exists():
+        raise UserError(f"{meta_path} is missing; re-run `fit` to write the head and its metadata")
+    return json.loads(meta_path.read_text())
+
+
+def check_space(meta: dict, space_id: str, backbone: str | None = None, path="head") -> None:
+    """Raise ``UserError`` when the head was fit on a different feature space than ``space_id``."""
+    if meta.get("space_id") != space_id:
+        raise UserError(
+            f"{path} was fit on feature space {meta.get('space_id')} (backbone {meta.get('backbone')}), "
+            f"not on {space_id} (backbone {backbone or '?'}); re-run `fit` with --backbone {backbone or space_id} "
+            f"or predict with --backbone {meta.get('backbone')}"
+        )
+
+
+def load_head(path, expect_space: str | None = None, expect_backbone: str | None = None, trust: bool = False):
+    """Load a head written by :func:`save_head`; returns ``(estimator, meta)``.
+
+    Raises ``UserError`` when the file is missing, its digest is not trusted (pass
+    ``trust=True`` only for files from a source you trust: loading runs pickle code), it is
+    not a featurize head, or it was fit on another feature space than ``expect_space``.
+    """
+    import joblib
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no head file at {path}; run `fit` first or pass --model PATH")
+    digest = file_digest(path)
+    if digest not in _read_trust():
+        if not trust:
+            raise UserError(
+                f"refusing to load {path}: its SHA-256 {digest[:16]}... was not recorded by this tool "
+                f"(a file from elsewhere or modified; loading pickles can run code); pass --trust if you trust its source"
+            )
+        _trust(digest, path)
+    try:
+        obj = joblib.load(path)
+    except Exception as e:
+        raise UserError(f"{path} could not be loaded ({type(e).__name__}: {e}); re-run `fit`") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise UserError(f"{path} is not a featurize head file; write one with `fit --out {path}`")
+    meta = obj["meta"]
+    if expect_space is not None:
+        check_space(meta, expect_space, expect_backbone, path)
+    return obj["estimator"], meta
