@@ -180,9 +180,104 @@ HEAD_COMMANDS = [add_fit, add_compare, add_predict, add_report]
 # --------------------------------------------------------------------------- end of heads section
 
 
+# --------------------------------------------------------------------------- finetune (issue 4)
+# LP-FT: unfreeze the backbone starting from the fitted linear probe. The probe is read through
+# heads (torch-free) and handed to featurize.finetune as plain arrays; featurize never imports heads.
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="stage 2: fine-tune the backbone starting from the fitted linear probe (LP-FT)")
+    p.add_argument("--data", default=None, help="dataset folder given to `extract` (default: the latest extracted)")
+    p.add_argument("--backbone", default=None, help="backbone name or space id of the probe (default: latest extraction)")
+    p.add_argument("--probe", default=None, help="head file of the probe (default: the `fit --head logreg` file)")
+    p.add_argument("--init", choices=["probe", "random"], default="probe",
+                   help="probe: LP-FT (default); random: plain fine-tuning from a random head, for comparison")
+    p.add_argument("--unfreeze", default="all", help="all, or last:N to train only the last N blocks")
+    p.add_argument("--train-bn", action="store_true", help="update BatchNorm statistics (frozen by default)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (warm-up, then cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--patience", type=int, default=3, help="early stopping: epochs without a better val score")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="stratified hold-out when there is no val split")
+    p.add_argument("--max-train", type=int, default=None, help="train on a stratified subset of this many images")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps per epoch (smoke tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
+    p.add_argument("--precision", default="auto", help="auto (the extraction's) |fp32|bf16|fp16")
+    p.add_argument("--workers", type=int, default=None, help="image decode workers")
+    p.add_argument("--out", default=None, help="run folder (default: runs/ft-NNN)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN",
+                   help="continue an interrupted run (default: the latest runs/ft-NNN)")
+    p.add_argument("--trust", action="store_true", help="load a probe file this tool did not write")
+    _common(p)
+    p.set_defaults(func=cmd_finetune)
+
+
+def _probe_for(args, cache, index_path, space_id, X, paths, labels, plan) -> dict:
+    """Load the saved probe, refit its chosen model on the fine-tuning train rows, fold it to W, b."""
+    import numpy as np
+
+    from heads.linear import linear_params, load_probe, refit
+    from heads.protocol import head_path
+
+    path = args.probe or head_path(cache, index_path, space_id, "logreg")
+    est, meta = load_probe(path, space_id, trust=args.trust)
+    linear_params(est)  # refuse a non-linear head before spending time on the refit
+    row = {p: i for i, p in enumerate(paths)}
+    take = lambda rows: (X[[row[p] for p, _ in rows]], np.array([plan.classes[y] for _, y in rows]))  # noqa: E731
+    Xtr, ytr = take(plan.train)
+    fitted = refit(est, Xtr, ytr)  # same C, only the fine-tuning train rows: the hold-out stays unseen
+    out = {**linear_params(fitted), "file": str(path), "head": meta.get("head"), "best_params": meta.get("best_params")}
+    for part in ("val", "test"):
+        rows = getattr(plan, part)
+        if rows:
+            Xp, yp = take(rows)
+            out[f"{part}_accuracy"] = float((fitted.predict(Xp) == yp).mean())
+    return out
+
+
+def cmd_finetune(args) -> dict:
+    from featurize import finetune as ft
+
+    if args.resume:
+        run = ft.latest_run_dir() if args.resume == "latest" else args.resume
+        summary = ft.train(run, progress=not args.json)
+    else:
+        from featurize.cache import find_index, load_features, resolve_space
+
+        cache = _cache(args)
+        ipath, index = find_index(cache, args.data)
+        space = resolve_space(cache, index, args.backbone)
+        X, labels, splits, paths = load_features(cache, index, space)
+        cfg = ft.FinetuneConfig(
+            epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+            batch_size=args.batch_size, unfreeze=args.unfreeze, train_bn=args.train_bn, patience=args.patience,
+            seed=args.seed, init=args.init, val_fraction=args.val_fraction, max_train=args.max_train,
+            max_steps=args.max_steps, device=args.device, precision=args.precision, workers=args.workers)
+        ft.parse_unfreeze(cfg.unfreeze)
+        plan = ft.plan_data(index.root, paths, labels, splits, cfg.val_fraction, cfg.seed, cfg.max_train)
+        probe = _probe_for(args, cache, ipath, space.space_id, X, list(paths), labels, plan) \
+            if cfg.init == "probe" else None
+        run = ft.start_run(plan, space.info(), cfg, args.out or ft.next_run_dir(), probe)
+        summary = ft.train(run, progress=not args.json)
+    s = summary
+    print(f"{s['run']}: best epoch {s['best_epoch']} val_acc {s['best_val_accuracy']:.4f} "
+          f"(epoch 0 = {s['init']} init: {s['epoch0_val_accuracy']:.4f})"
+          + (f"; test_acc {s['test_accuracy_best']:.4f} (epoch 0: {s['test_accuracy_epoch0']:.4f})"
+             if s.get("test_accuracy_best") is not None else "")
+          + f"; {s['train_seconds']:.0f}s training")
+    return summary
+
+
+FINETUNE_COMMANDS = [add_finetune]
+# --------------------------------------------------------------------------- end of finetune section
+
+
 # --------------------------------------------------------------------------- main
 
-COMMANDS = [add_extract, add_backbones] + HEAD_COMMANDS
+COMMANDS = [add_extract, add_backbones] + HEAD_COMMANDS + FINETUNE_COMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:
