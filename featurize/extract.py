@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from featurize import cache as fc
 from featurize.backbones import Backbone, get_backbone, resolve_device, resolve_precision
 from featurize.dataset import scan
+from featurize.engines import TorchEngine, make_engine  # noqa: F401  (TorchEngine re-exported)
 from featurize.errors import UserError
 from featurize.images import ImageError, Preprocess, read_image
 
@@ -105,35 +106,6 @@ def reader(paths: list[str], preprocess: Preprocess, batch_size: int, workers: i
 # --------------------------------------------------------------------------- model
 
 
-class TorchEngine:
-    """The reference engine: PyTorch eager, channels_last, autocast to the chosen precision."""
-
-    name = "torch"
-
-    def __init__(self, backbone: Backbone, device: torch.device, precision: str):
-        self.backbone, self.device, self.precision = backbone, device, precision
-        self.model = backbone.model.to(device).to(memory_format=torch.channels_last)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """uint8 (N, 3, H, W) -> float32 (N, D) numpy."""
-        with torch.inference_mode():
-            x = images.to(self.device, non_blocking=True)
-            x = self.backbone.preprocess.normalize(x).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.precision != "fp32"):
-                out = self.model(x)
-            return out.float().cpu().numpy()
-
-
-def make_engine(backbone: Backbone, device: torch.device, precision: str, engine: str = "auto"):
-    """Return the inference engine for ``engine`` (auto|torch|openvino)."""
-    if engine in ("auto", "torch"):
-        return TorchEngine(backbone, device, precision)
-    if engine == "openvino":
-        raise UserError("--engine openvino is not available in this build; use --engine torch")
-    raise UserError(f"unknown engine {engine!r}; use auto, torch or openvino")
-
-
 @dataclass
 class Extractor:
     """A built backbone + engine + feature space, ready to embed batches."""
@@ -159,7 +131,7 @@ def build_extractor(cache_dir, backbone: str, weights: str | None = None, device
     space = fc.FeatureSpace(cache_dir, fc.space_id_for(config))
     build = {"backbone": backbone if not os.path.isdir(backbone) else os.path.realpath(backbone),
              "weights": os.path.realpath(weights) if weights else None}
-    eng = make_engine(bb, dev, prec, engine)
+    eng = make_engine(bb, dev, prec, engine, cache_dir=cache_dir, space_id=space.space_id, lazy=True)
     space.create({**config, "build": build, "dim": bb.dim}, bb.dim)
     return Extractor(bb, eng, dev, prec, space, build)
 
@@ -210,6 +182,10 @@ def _run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, w
 
         bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, file=sys.stderr)
     interrupted = False
+    if todo and hasattr(ex.engine, "engine"):  # a LazyEngine: build it now, outside the model timing
+        t = time.perf_counter()
+        ex.engine.engine
+        timer.seconds["load_model"] += time.perf_counter() - t
     try:
         batches = reader([p for _, p in todo], ex.backbone.preprocess, batch_size, workers,
                          pin=ex.device.type == "cuda")

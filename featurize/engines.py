@@ -1,0 +1,300 @@
+"""Inference engines: uint8 image batches in, float32 (N, D) embeddings out.
+
+- ``TorchEngine`` is the reference engine on every device (CPU, CUDA, MPS): PyTorch eager,
+  channels_last, autocast to the chosen precision (bf16/fp16 on GPUs, bf16 on CPUs with
+  AVX512-BF16/AMX, fp32 otherwise).
+- ``OpenVINOEngine`` is the optimised CPU engine (``pip install featurize[openvino]``): the
+  frozen module is converted once to OpenVINO IR with the normalisation folded in (it takes
+  the uint8 batch directly), saved under ``<cache>/engines/<space_id>-openvino/`` and
+  compiled with the bf16 inference hint on CPUs that run bf16 natively. The second run
+  reads the saved IR and OpenVINO's compiled blob from that folder, so it starts in about a
+  second instead of a conversion.
+
+An engine never moves vectors to another feature space: the feature-space id (backbone,
+weights, preprocessing, precision) does not include the engine, so every engine must give
+vectors within ``COSINE_TOLERANCE`` of the fp32 PyTorch reference on real photos
+(tests/test_engines.py). A freshly converted OpenVINO model is checked against the fp32
+reference on a built-in test pattern; one that misses the tolerance is not used.
+The engine and precision that produced a space's vectors are recorded in the dataset
+index (``extractions``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featurize.errors import UserError
+
+#: Minimum cosine similarity between any engine's vector and the fp32 PyTorch vector of the
+#: same image for the two to count as the same feature space.
+COSINE_TOLERANCE = 0.995
+
+ENGINES = ("auto", "torch", "openvino")
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (affinity/cgroup aware where the OS says)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+class TorchEngine:
+    """The reference engine: PyTorch eager, channels_last, autocast to the chosen precision."""
+
+    name = "torch"
+
+    def __init__(self, backbone, device: torch.device, precision: str):
+        self.backbone, self.device, self.precision = backbone, device, precision
+        self.model = backbone.model.to(device).to(memory_format=torch.channels_last)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 (N, 3, H, W) (CPU, pinned CPU, or already on the device) -> float32 (N, D) numpy."""
+        with torch.inference_mode():
+            x = images.to(self.device, non_blocking=True)
+            x = self.backbone.preprocess.normalize(x).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.precision != "fp32"):
+                out = self.model(x)
+            return out.float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- OpenVINO
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _test_pattern(size: int, n: int = 2) -> torch.Tensor:
+    """A deterministic photo-like uint8 batch (smooth colour gradients, edges, texture)."""
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    out = []
+    for k in range(n):
+        r = 0.5 + 0.5 * torch.sin(6.0 * xx + k)
+        gch = 0.5 + 0.5 * torch.cos(4.0 * yy * (k + 1))
+        b = ((xx * 8 + k).floor() % 2) * 0.6 + 0.2 * yy
+        img = torch.stack([r, gch, b]) + 0.05 * torch.randn(3, size, size, generator=g)
+        out.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.stack(out)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+class OpenVINOEngine:
+    """OpenVINO on CPU, uint8 input with normalisation folded in, bf16 where the CPU has it."""
+
+    name = "openvino"
+
+    def __init__(self, backbone, precision: str, cache_folder: str | os.PathLike | None = None,
+                 threads: int | None = None, check: bool = True):
+        import openvino as ov
+
+        if precision not in ("fp32", "bf16"):
+            raise UserError(f"--engine openvino runs fp32 or bf16, not {precision}")
+        self.backbone, self.precision, self.device = backbone, precision, torch.device("cpu")
+        self.threads = threads or cpu_cores()
+        self.folder = Path(cache_folder) if cache_folder else None
+        self.converted = False
+        t = time.perf_counter()
+        model = self._load() if self.folder else None
+        if model is None:
+            model = self._convert()
+            self.converted = True
+        self.convert_seconds = time.perf_counter() - t
+        core = ov.Core()
+        config = {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY",  # one request at a time, all threads on it
+            "INFERENCE_NUM_THREADS": self.threads,
+        }
+        if self.folder:
+            config["CACHE_DIR"] = str(self.folder / "compiled")
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        if self.converted and check:
+            self._check_against_reference()
+        if self.converted and self.folder:
+            self._save(model)
+
+    # -- conversion and on-disk cache
+
+    def _meta(self) -> dict:
+        import openvino as ov
+
+        return {"openvino": ov.__version__, "torch": torch.__version__, "backbone": self.backbone.name,
+                "weights_digest": self.backbone.weights_digest, "preprocess": self.backbone.preprocess.config()}
+
+    def _load(self):
+        import openvino as ov
+
+        xml, meta = self.folder / "model.xml", self.folder / "meta.json"
+        try:
+            if json.loads(meta.read_text()) != self._meta():
+                return None
+            return ov.Core().read_model(str(xml))
+        except Exception:  # missing, partial or from another version: convert again
+            return None
+
+    def _save(self, model) -> None:
+        import openvino as ov
+
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder.parent))
+        try:
+            ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+            (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=1))
+            old = self.folder.parent / f".old-{self.folder.name}-{os.getpid()}"
+            compiled = self.folder / "compiled"
+            if self.folder.exists():
+                os.replace(self.folder, old)
+            os.replace(tmp, self.folder)
+            if old.exists():
+                if (old / "compiled").is_dir() and not compiled.exists():
+                    os.replace(old / "compiled", compiled)
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _convert(self):
+        import openvino as ov
+        from openvino.preprocess import PrePostProcessor
+
+        pp = self.backbone.preprocess
+        model = self.backbone.model.to(memory_format=torch.contiguous_format)
+        example = pp.normalize(_test_pattern(pp.crop, 1))
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer deprecation chatter
+            om = ov.convert_model(model, example_input=example)
+        om.reshape({om.inputs[0]: ov.PartialShape([-1, 3, pp.crop, pp.crop])})
+        # Fold the per-batch normalisation into the graph: the engine takes the uint8 batch.
+        ppp = PrePostProcessor(om)
+        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NCHW"))
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        ppp.input().preprocess().convert_element_type(ov.Type.f32) \
+            .mean([m * 255.0 for m in pp.mean]).scale([s * 255.0 for s in pp.std])
+        ppp.output().tensor().set_element_type(ov.Type.f32)
+        return ppp.build()
+
+    def _check_against_reference(self) -> None:
+        x = _test_pattern(self.backbone.preprocess.crop, 2)
+        ref = TorchEngine(self.backbone, torch.device("cpu"), "fp32")(x)
+        self.backbone.model.to(memory_format=torch.contiguous_format)
+        cos = float(cosine_rows(self(x), ref).min())
+        self.check_cosine = cos
+        if cos < COSINE_TOLERANCE:
+            raise EngineMismatch(f"OpenVINO {self.precision} vectors of {self.backbone.name} reach cosine {cos:.4f} "
+                                 f"to the fp32 PyTorch reference, below the {COSINE_TOLERANCE} tolerance")
+
+    # -- inference
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 (N, 3, H, W) -> float32 (N, D) numpy."""
+        x = np.ascontiguousarray(images.numpy() if isinstance(images, torch.Tensor) else images, dtype=np.uint8)
+        out = self.request.infer({0: x}, share_inputs=True)
+        return np.array(out[self.compiled.output(0)], dtype=np.float32, copy=True)
+
+
+class EngineMismatch(UserError):
+    """An optimised engine's vectors differ from the reference beyond ``COSINE_TOLERANCE``."""
+
+
+def engine_folder(cache_dir, space_id: str, engine: str) -> Path | None:
+    if cache_dir is None or space_id is None:
+        return None
+    return Path(cache_dir) / "engines" / f"{space_id}-{engine}"
+
+
+class LazyEngine:
+    """Builds the engine on its first batch, so a run that is all cache hits never loads it."""
+
+    def __init__(self, factory, predicted_name: str):
+        self._factory, self._engine, self._predicted = factory, None, predicted_name
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = self._factory()
+        return self._engine
+
+    @property
+    def name(self) -> str:
+        return self._engine.name if self._engine is not None else self._predicted
+
+    def __call__(self, images):
+        return self.engine(images)
+
+
+def _auto_openvino(backbone, device: torch.device, precision: str) -> bool:
+    # The 16-wide test model runs in microseconds on PyTorch; converting it would cost more
+    # than it saves (and slow every test), so auto keeps it on the reference engine.
+    return (device.type == "cpu" and precision in ("fp32", "bf16") and backbone.name != "tiny"
+            and openvino_available())
+
+
+def make_engine(backbone, device: torch.device, precision: str, engine: str = "auto", cache_dir=None,
+                space_id: str | None = None, threads: int | None = None, lazy: bool = False):
+    """Return the inference engine for ``engine`` (auto|torch|openvino).
+
+    ``auto`` picks OpenVINO on CPU when it is installed (it is 2-3x faster than PyTorch
+    there; not for the ``tiny`` test model), PyTorch otherwise; if OpenVINO cannot convert this backbone or misses the
+    tolerance, ``auto`` warns and uses PyTorch while ``openvino`` raises ``UserError``.
+    ``cache_dir``/``space_id`` key the converted model on disk. ``lazy`` defers building
+    to the first batch (options are still validated now).
+    """
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}; use auto, torch or openvino")
+    if lazy:
+        if engine == "openvino" and device.type != "cpu":
+            raise UserError(f"--engine openvino runs on the CPU; use --device cpu or --engine torch on {device.type}")
+        if engine == "openvino" and not openvino_available():
+            raise UserError("--engine openvino needs OpenVINO: pip install 'featurize[openvino]' (or `pip install "
+                            "openvino`); --engine torch works without it")
+        predicted = engine if engine != "auto" else (
+            "openvino" if _auto_openvino(backbone, device, precision) else "torch")
+        return LazyEngine(lambda: make_engine(backbone, device, precision, engine, cache_dir, space_id, threads),
+                          predicted)
+    if engine == "torch":
+        return TorchEngine(backbone, device, precision)
+    if engine == "openvino":
+        if device.type != "cpu":
+            raise UserError(f"--engine openvino runs on the CPU; use --device cpu or --engine torch on {device.type}")
+        if not openvino_available():
+            raise UserError("--engine openvino needs OpenVINO: pip install 'featurize[openvino]' (or `pip install "
+                            "openvino`); --engine torch works without it")
+        try:
+            return OpenVINOEngine(backbone, precision, engine_folder(cache_dir, space_id, "openvino"), threads)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"OpenVINO cannot run {backbone.name} ({type(e).__name__}: {str(e)[:200]}); "
+                            "use --engine torch") from None
+    # auto
+    if _auto_openvino(backbone, device, precision):
+        try:
+            return OpenVINOEngine(backbone, precision, engine_folder(cache_dir, space_id, "openvino"), threads)
+        except Exception as e:
+            print(f"warning: OpenVINO engine unavailable for {backbone.name} ({type(e).__name__}: "
+                  f"{str(e)[:200]}); using PyTorch", file=sys.stderr)
+    return TorchEngine(backbone, device, precision)

@@ -1,0 +1,131 @@
+"""Engines: the optimised CPU engine stays in the fp32 reference's feature space, and auto uses it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featurize import engines
+from featurize.errors import UserError
+
+ov = pytest.importorskip("openvino", reason="OpenVINO is in the test extra: pip install -e .[test]")
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+
+
+def _photos(tmp: Path) -> list[Path]:
+    """Real photographs: scikit-image's sample photos + a few flowers when the shared datasets exist."""
+    import skimage.data
+    from PIL import Image
+
+    out = []
+    for name in ("chelsea", "astronaut", "coffee", "rocket"):
+        p = tmp / "photos" / "sample" / f"{name}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(getattr(skimage.data, name)()).save(p, quality=92)
+        out.append(p)
+    flowers = SHARED / "flowers"
+    if flowers.is_dir():
+        for cls in sorted(d for d in flowers.iterdir() if d.is_dir()):
+            out += sorted(cls.glob("*.jpg"))[:2]
+    return out
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    from featurize.backbones import get_backbone
+
+    return get_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def ov_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("featurize-cache")
+
+
+@pytest.mark.slow
+def test_openvino_matches_torch_fp32_on_real_photos(lite0, ov_cache, tmp_path):
+    from featurize.backbones import resolve_precision
+    from featurize.images import read_image
+
+    paths = _photos(tmp_path)
+    batch = torch.stack([lite0.preprocess(read_image(str(p))) for p in paths])
+    ref = engines.TorchEngine(lite0, torch.device("cpu"), "fp32")(batch)
+    precision = resolve_precision("auto", torch.device("cpu"))  # bf16 on AVX512-BF16/AMX CPUs
+    eng = engines.make_engine(lite0, torch.device("cpu"), precision, "openvino", cache_dir=ov_cache, space_id="s")
+    assert eng.name == "openvino" and eng.precision == precision
+    got = eng(batch)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    cos = engines.cosine_rows(got, ref)
+    assert cos.min() >= engines.COSINE_TOLERANCE, dict(zip([p.name for p in paths], cos.round(4)))
+    if precision == "bf16":  # the reference engine's own bf16 autocast keeps the same promise
+        cos_t = engines.cosine_rows(engines.TorchEngine(lite0, torch.device("cpu"), "bf16")(batch), ref)
+        assert cos_t.min() >= engines.COSINE_TOLERANCE
+
+    # The converted model is cached on disk: a second engine loads it without converting.
+    assert (ov_cache / "engines" / "s-openvino" / "model.xml").is_file()
+    again = engines.make_engine(lite0, torch.device("cpu"), precision, "openvino", cache_dir=ov_cache, space_id="s")
+    assert not again.converted
+    np.testing.assert_allclose(again(batch), got, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_auto_engine_uses_openvino_and_records_it(ov_cache, tmp_path, monkeypatch):
+    """A silent fallback to PyTorch would fail here."""
+    import shutil
+
+    from featurize import cache as fc
+    from featurize.extract import extract
+
+    data = tmp_path / "data" / "x"
+    data.mkdir(parents=True)
+    for p in _photos(tmp_path)[:3]:
+        shutil.copy(p, data / p.name)
+    s = extract(tmp_path / "data", cache_dir=ov_cache, engine="auto", progress=False, workers=0)
+    assert s["engine"] == "openvino" and s["ok"] == 3 and s["failed"] == 0
+    idx = fc.read_index(Path(s["index_file"]))
+    assert idx.extractions[s["space_id"]]["engine"] == "openvino"
+    assert (ov_cache / "engines" / f"{s['space_id']}-openvino" / "model.xml").is_file()
+
+    # Second run on new images: the saved model is reused, never converted again.
+    monkeypatch.setattr(engines.OpenVINOEngine, "_convert", lambda self: pytest.fail("converted twice"))
+    shutil.copy(_photos(tmp_path)[3], data / "new.jpg")
+    s2 = extract(tmp_path / "data", cache_dir=ov_cache, engine="auto", progress=False, workers=0)
+    assert s2["engine"] == "openvino" and s2["embedded"] == 1 and s2["cached"] == 3
+    assert s2["space_id"] == s["space_id"]
+
+    # A cache-hit run never builds an engine at all.
+    monkeypatch.setattr(engines, "OpenVINOEngine", lambda *a, **k: pytest.fail("engine built on a cache hit"))
+    s3 = extract(tmp_path / "data", cache_dir=ov_cache, engine="auto", progress=False, workers=0)
+    assert s3["embedded"] == 0 and s3["ok"] == 4
+
+
+def test_engine_option_errors(monkeypatch):
+    from featurize.backbones import get_backbone
+
+    bb = get_backbone("tiny")
+    with pytest.raises(UserError, match="unknown engine"):
+        engines.make_engine(bb, torch.device("cpu"), "fp32", "tensorrt")
+    with pytest.raises(UserError, match="runs on the CPU"):
+        engines.make_engine(bb, torch.device("cuda"), "bf16", "openvino")
+    monkeypatch.setattr(engines, "openvino_available", lambda: False)
+    with pytest.raises(UserError, match=r"featurize\[openvino\]"):
+        engines.make_engine(bb, torch.device("cpu"), "fp32", "openvino")
+    assert engines.make_engine(bb, torch.device("cpu"), "fp32", "auto").name == "torch"
+
+
+def test_openvino_engine_on_tiny_model_matches_torch(tmp_path):
+    """Fast check of the uint8-in, normalisation-folded graph on any CPU."""
+    from featurize.backbones import get_backbone
+
+    bb = get_backbone("tiny")
+    x = engines._test_pattern(bb.preprocess.crop, 3)
+    ref = engines.TorchEngine(bb, torch.device("cpu"), "fp32")(x)
+    eng = engines.make_engine(bb, torch.device("cpu"), "fp32", "openvino", cache_dir=tmp_path, space_id="t")
+    np.testing.assert_allclose(eng(x), ref, rtol=1e-3, atol=1e-4)
+    meta = json.loads((tmp_path / "engines" / "t-openvino" / "meta.json").read_text())
+    assert meta["backbone"] == "tiny"
