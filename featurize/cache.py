@@ -63,6 +63,21 @@ def bytes_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def fault_point(name: str) -> None:
+    """Crash-test hook: ``FEATURIZE_FAULT=<name>[:<n>]`` SIGKILLs this process the n-th time
+    (default 1st) it reaches ``name``. Used by the kill -9 tests; inert otherwise."""
+    spec = os.environ.get("FEATURIZE_FAULT")
+    if not spec or spec.split(":")[0] != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    nth = int(spec.split(":")[1]) if ":" in spec else 1
+    if _FAULT_COUNTS[name] >= nth:
+        os.kill(os.getpid(), 9)
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -71,7 +86,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_h5(final: Path, fill) -> None:
+def _atomic_h5(final: Path, fill, kind: str) -> None:
     """Write an HDF5 file via ``fill(h5file)`` under a temp name, then rename it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -80,6 +95,7 @@ def _atomic_h5(final: Path, fill) -> None:
             fill(f)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        fault_point(f"{kind}_tmp_written")
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     finally:
@@ -246,10 +262,11 @@ class FeatureSpace:
             f.attrs.update(kind="shard", schema_version=SCHEMA_VERSION, space_id=self.space_id, n_rows=len(hashes))
             f.attrs["crc32"] = zlib.crc32(emb.tobytes(), zlib.crc32(hashes.tobytes()))
             f.create_dataset("hash", data=hashes)
-            f.create_dataset("emb", data=emb, chunks=(min(len(emb), 1024) or 1, emb.shape[1]) if len(emb) else None)
+            f.create_dataset("emb", data=emb)  # contiguous: shards are written once, read whole
 
         path = self.folder / name
-        _atomic_h5(path, fill)
+        _atomic_h5(path, fill, "shard")
+        fault_point("shard_written")
         return path
 
     def quarantine_damaged(self) -> list[Path]:
@@ -275,6 +292,7 @@ class FeatureSpace:
             return False
         hashes, emb = self.load()
         self.write_shard(hashes, emb, tag="-merged")
+        fault_point("compact_merged")
         for p in paths:
             p.unlink(missing_ok=True)
         return True
@@ -286,7 +304,9 @@ class ShardWriter:
     The time bound is what limits the work a ``kill -9`` can lose.
     """
 
-    def __init__(self, space: FeatureSpace, max_rows: int = 4096, max_seconds: float = 5.0):
+    def __init__(self, space: FeatureSpace, max_rows: int | None = None, max_seconds: float = 5.0):
+        # FEATURIZE_SHARD_ROWS lets crash tests make many small shards.
+        max_rows = max_rows or int(os.environ.get("FEATURIZE_SHARD_ROWS", 4096))
         self.space, self.max_rows, self.max_seconds = space, max_rows, max_seconds
         self._hashes: list[str] = []
         self._rows: list[np.ndarray] = []
@@ -382,7 +402,8 @@ def write_index(path: Path, index: DatasetIndex) -> None:
         f.create_dataset("size", data=np.array(index.size, dtype=np.int64))
         f.create_dataset("mtime_ns", data=np.array(index.mtime_ns, dtype=np.int64))
 
-    _atomic_h5(path, fill)
+    _atomic_h5(path, fill, "index")
+    fault_point("index_written")
 
 
 def read_index(path: str | os.PathLike) -> DatasetIndex:

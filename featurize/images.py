@@ -25,6 +25,12 @@ class ImageError(Exception):
     """A file that cannot be used as an image; the message is the recorded reason."""
 
 
+def _reason(e: Exception, what: str) -> ImageError:
+    if "truncat" in str(e).lower():
+        return ImageError("truncated file (image data ends early)")
+    return ImageError(f"{what} ({type(e).__name__}: {e})")
+
+
 def _header(data: bytes) -> tuple[str, tuple[int, int]]:
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -34,7 +40,7 @@ def _header(data: bytes) -> tuple[str, tuple[int, int]]:
     except Image.UnidentifiedImageError:
         raise ImageError("not an image (unrecognised or corrupt header)") from None
     except Exception as e:
-        raise ImageError(f"not a readable image ({type(e).__name__}: {e})") from None
+        raise _reason(e, "not a readable image") from None
 
 
 def _pil_decode(data: bytes) -> torch.Tensor:
@@ -77,7 +83,7 @@ def decode_bytes(data: bytes) -> torch.Tensor:
     except Image.DecompressionBombWarning as e:
         raise ImageError(f"decompression bomb: {e}") from None
     except Exception as e:
-        raise ImageError(f"cannot decode ({type(e).__name__}: {e})") from None
+        raise _reason(e, "cannot decode") from None
 
 
 def read_image(path: str) -> torch.Tensor:
