@@ -146,6 +146,8 @@ def add_predict(sub) -> None:
 
 
 def cmd_predict(args) -> dict:
+    if args.model and _is_run_folder(args.model):  # (issue 4) a fine-tuning run classifies end to end
+        return _predict_with_run(args)
     from heads.commands import run_predict
 
     cache = _cache(args)
@@ -269,6 +271,42 @@ def cmd_finetune(args) -> dict:
              if s.get("test_accuracy_best") is not None else "")
           + f"; {s['train_seconds']:.0f}s training")
     return summary
+
+
+def _is_run_folder(path: str) -> bool:
+    import os
+
+    return os.path.isfile(os.path.join(path, "featurize_run.json"))  # featurize.backbones.RUN_META, torch-free
+
+
+def _predict_with_run(args) -> dict:
+    """`predict --model runs/ft-NNN/`: the fine-tuned backbone and classifier, end to end."""
+    import time
+
+    from featurize import finetune as ft
+    from heads.commands import expand_inputs
+    from heads.predict import format_rows
+
+    t0 = time.perf_counter()
+    files, errors = expand_inputs(args.inputs)
+    if not files and not errors:
+        raise UserError(f"no image files in {', '.join(args.inputs)}; pass image files or folders of images")
+    probs, classes, ok, bad = ft.predict_run(args.model, files, batch_size=args.batch_size, device=args.device)
+    errors += bad
+    rows = []
+    k = max(1, min(args.top_k, len(classes)))
+    for p, pr in zip(ok, probs):
+        top = pr.argsort()[::-1][:k]
+        rows.append({"path": p, "label": classes[top[0]], "probability": float(pr[top[0]]),
+                     "top_k": [[classes[j], float(pr[j])] for j in top]})
+    for p, reason in errors:
+        print(f"skipped {p}: {reason}", file=sys.stderr)
+    if not rows:
+        raise UserError(f"none of the {len(files) + len(errors)} inputs could be classified (see the skipped lines)")
+    print(json.dumps(rows, indent=1) if args.format == "json" else format_rows(rows, args.format))
+    return {"model": str(args.model), "head": "finetune", "predictions": rows,
+            "errors": [{"path": p, "reason": r} for p, r in errors],
+            "timings": {"total_s": round(time.perf_counter() - t0, 3)}}
 
 
 FINETUNE_COMMANDS = [add_finetune]

@@ -1,0 +1,230 @@
+"""The unfreeze stage (issue 4): LP-FT on the tiny backbone, a couple of steps per run.
+
+Real pipeline throughout: images written on the fly, `extract` into a real cache, a real
+logreg probe saved through heads.store, real training on CPU. fp32 so that epoch 0 can be
+compared with the probe exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import last_json, make_dataset, run_cli
+from featurize import finetune as ft
+from featurize.cache import find_index, load_features, resolve_space
+from featurize.errors import UserError
+from featurize.extract import extract
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A 3-class dataset extracted with the tiny backbone and a saved logreg probe."""
+    tmp = tmp_path_factory.mktemp("ft")
+    os.environ["FEATURIZE_HOME"] = str(tmp / "home")  # the trusted-heads registry stays in tmp
+    data = make_dataset(tmp / "data", classes=("a", "b", "c"), per_class=8)
+    cache = tmp / "cache"
+    extract(data, cache, backbone="tiny", precision="fp32", workers=0, progress=False)
+    ipath, index = find_index(cache, data)
+    space = resolve_space(cache, index)
+    X, labels, splits, paths = load_features(cache, index, space)
+
+    from heads import make_head
+    from heads.protocol import head_path
+    from heads.store import save_head
+
+    est = make_head("logreg").fit(X, labels.astype(str))
+    probe_file = head_path(cache, ipath, space.space_id, "logreg")
+    save_head(probe_file, est, {"space_id": space.space_id, "classes": sorted(set(labels)), "head": "logreg",
+                                "backbone": "tiny"})
+    return {"tmp": tmp, "data": data, "cache": cache, "index": index, "space": space, "X": X,
+            "labels": labels.astype(str), "splits": splits, "paths": list(paths), "est": est,
+            "probe_file": probe_file}
+
+
+def _plan(env, **kw):
+    return ft.plan_data(env["index"].root, env["paths"], env["labels"], env["splits"], val_fraction=0.25, **kw)
+
+
+def _probe(env, plan):
+    from heads.linear import linear_params, refit
+
+    row = {p: i for i, p in enumerate(env["paths"])}
+    tr = [row[p] for p, _ in plan.train]
+    fitted = refit(env["est"], env["X"][tr], env["labels"][tr])
+    return fitted, {**linear_params(fitted)}
+
+
+def _run(env, name, plan=None, probe=None, log=None, **cfg):
+    plan = plan or _plan(env)
+    if probe is None and cfg.get("init", "probe") == "probe":
+        probe = _probe(env, plan)[1]
+    base = dict(epochs=2, batch_size=4, max_steps=2, workers=0, lr=1e-2, warmup=0.0, patience=5)
+    run = ft.start_run(plan, env["space"].info(), ft.FinetuneConfig(**{**base, **cfg}), env["tmp"] / "runs" / name,
+                       probe)
+    return run, ft.train(run, log=log or io.StringIO())
+
+
+def _state(run: Path) -> dict:
+    meta = json.loads((run / "featurize_run.json").read_text())
+    from safetensors.torch import load_file
+
+    return {k[6:]: v for k, v in load_file(str(run / meta["state_file"])).items() if k.startswith("model.")}
+
+
+def _init(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "init.safetensors"))
+
+
+def test_epoch0_is_the_probe(env):
+    plan = _plan(env)
+    fitted, probe = _probe(env, plan)
+    run = ft.start_run(plan, env["space"].info(), ft.FinetuneConfig(epochs=1, max_steps=1, batch_size=4, workers=0),
+                       env["tmp"] / "runs" / "p0", probe)
+    # logits of the initial model on the images == the probe's decision function on the cached vectors
+    bb, model, dev, dtype, classes = None, None, None, None, None
+    meta = json.loads((run / "featurize_run.json").read_text())
+    bb, model, dev, prec, dtype = ft._build(meta)
+    model.load_state_dict(_init(run))
+    logits = ft.logits_for(model, bb, plan.root, plan.val, dev, dtype)
+    row = {p: i for i, p in enumerate(env["paths"])}
+    Xv = env["X"][[row[p] for p, _ in plan.val]]
+    yv = np.array([plan.classes[y] for _, y in plan.val])
+    np.testing.assert_allclose(logits, fitted.decision_function(Xv), rtol=1e-4, atol=1e-4)
+    summary = ft.train(run, log=io.StringIO())
+    assert summary["epoch0_val_accuracy"] == pytest.approx(float((fitted.predict(Xv) == yv).mean()))
+    assert summary["history"][1]["epoch"] == 1 and summary["best_val_accuracy"] >= summary["epoch0_val_accuracy"]
+
+
+def test_binary_probe_folds_to_two_logits(env):
+    from heads import make_head
+    from heads.linear import linear_params
+
+    y = np.where(env["labels"] == "a", "a", "rest")
+    est = make_head("logreg").fit(env["X"], y)
+    p = linear_params(est)
+    z = env["X"] @ p["W"].T + p["b"]
+    np.testing.assert_allclose(z[:, 1] - z[:, 0], est.best_estimator_.decision_function(env["X"]), atol=1e-5)
+
+
+class _InterruptAt(io.StringIO):
+    """A log that raises KeyboardInterrupt (as Ctrl-C would) when epoch N's line is printed."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def write(self, s):
+        if s.startswith(f"epoch {self.epoch}/"):
+            raise KeyboardInterrupt
+        return super().write(s)
+
+
+def test_resume_after_interrupt_equals_uninterrupted(env):
+    _, full = _run(env, "full", epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(env, "cut", epochs=3, log=_InterruptAt(2))  # dies during epoch 2, before its checkpoint
+    cut = env["tmp"] / "runs" / "cut"
+    assert json.loads((cut / "featurize_run.json").read_text())["epochs_done"] == 1
+    resumed = ft.train(cut, log=io.StringIO())
+    assert resumed["resumed_from_epoch"] == 1 and resumed["epochs_done"] == 3
+    a, b = _state(env["tmp"] / "runs" / "full"), _state(cut)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [h["val_accuracy"] for h in full["history"]] == [h["val_accuracy"] for h in resumed["history"]]
+    with pytest.raises(UserError, match="already finished"):
+        ft.train(cut, log=io.StringIO())
+
+
+def _bn_stats(sd):
+    return {k: v for k, v in sd.items() if k.endswith(("running_mean", "running_var"))}
+
+
+def test_batchnorm_frozen_by_default_and_trainable_on_request(env):
+    run, _ = _run(env, "bn-frozen")
+    before, after = _init(run), _state(run)
+    assert _bn_stats(before)
+    for k, v in _bn_stats(before).items():
+        assert torch.equal(v, after[k]), f"{k} moved although BatchNorm is frozen"
+    assert not torch.equal(before["backbone.features.0.weight"], after["backbone.features.0.weight"])
+    run, _ = _run(env, "bn-train", train_bn=True)
+    before, after = _init(run), _state(run)
+    assert any(not torch.equal(v, after[k]) for k, v in _bn_stats(before).items())
+
+
+def test_unfreeze_last_n_keeps_earlier_blocks(env):
+    run, summary = _run(env, "last2", unfreeze="last:2")
+    assert summary["unfreeze"]["blocks"] == 4  # tiny: conv, bn, conv, bn
+    before, after = _init(run), _state(run)
+    for k in ("backbone.features.0.weight", "backbone.features.0.bias", "backbone.features.1.weight"):
+        assert torch.equal(before[k], after[k]), f"{k} changed although frozen"
+    assert not torch.equal(before["backbone.features.3.weight"], after["backbone.features.3.weight"])
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+
+
+def test_bad_unfreeze_and_small_holdout(env):
+    with pytest.raises(UserError, match="exceeds the depth"):
+        _run(env, "deep", unfreeze="last:9")
+    with pytest.raises(UserError, match="all or last:N"):
+        ft.parse_unfreeze("first:2")
+    with pytest.raises(UserError, match="too few images for a validation hold-out"):
+        ft.plan_data("/x", ["a/1.jpg", "a/2.jpg", "b/1.jpg"], ["a", "a", "b"], ["", "", ""])
+
+
+def test_random_init_does_not_need_a_probe(env):
+    _, s = _run(env, "random", init="random", epochs=1)
+    assert s["init"] == "random" and s["probe"] == {}
+
+
+def test_run_folder_is_a_backbone_and_predicts(env):
+    run, _ = _run(env, "asbb", epochs=1)
+    s = extract(env["data"], env["cache"], backbone=str(run), precision="fp32", workers=0, progress=False)
+    assert s["backbone"] == "run:asbb" and s["space_id"] != env["space"].space_id and s["ok"] == 24
+    files = [os.path.join(env["index"].root, p) for p in env["paths"][:5]] + [str(env["tmp"] / "missing.jpg")]
+    probs, classes, ok, errors = ft.predict_run(run, files, workers=0)
+    assert classes == ["a", "b", "c"] and probs.shape == (5, 3) and len(ok) == 5 and len(errors) == 1
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_cli_finetune_predict_and_errors(env, tmp_path, capsys):
+    """Real subprocess runs for finetune and predict --model RUN; one-line errors with exit code 1."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    import cli
+
+    common = ["--data", str(env["data"]), "--backbone", "tiny", "--cache", str(env["cache"]), "--workers", "0"]
+    e = {"FEATURIZE_HOME": os.environ["FEATURIZE_HOME"]}
+    out = tmp_path / "ft-cli"
+    p = run_cli("finetune", *common, "--epochs", "1", "--max-steps", "1", "--batch-size", "4", "--val-fraction",
+                "0.25", "--precision", "fp32", "--out", out, "--json", env=e, check=0)
+    s = last_json(p)
+    assert s["epoch0_val_accuracy"] == pytest.approx(s["probe"]["val_accuracy"])
+    assert "val_acc" in p.stderr and "img/s" in p.stderr and "ETA" in p.stderr
+    img = os.path.join(env["index"].root, env["paths"][0])
+    p = run_cli("predict", img, "--model", out, "--json", env=e, check=0)
+    assert last_json(p)["predictions"][0]["label"] in ("a", "b", "c")
+    # no probe at all: say which command to run (subprocess: the real exit code)
+    p = run_cli("finetune", *common, "--probe", tmp_path / "none.joblib", env=e, check=1)
+    assert "fit --head logreg" in p.stderr and p.stderr.strip().count("\n") == 0
+    # the same CLI in-process for the other bad inputs
+    from heads.store import save_head
+
+    other = tmp_path / "other.joblib"
+    save_head(other, env["est"], {"space_id": "resnet18-000000000000", "classes": ["a", "b", "c"], "head": "logreg"})
+    for argv, text in ((["--probe", str(other)], "feature space"), (["--unfreeze", "last:99"], "exceeds the depth"),
+                       (["--unfreeze", "first"], "all or last:N")):
+        capsys.readouterr()
+        assert cli.main(["finetune", *common, *argv, "--out", str(tmp_path / "x")]) == 1
+        err = capsys.readouterr().err
+        assert text in err and err.strip().count("\n") == 0, err
