@@ -158,7 +158,8 @@ class CosineCentroidClassifier(ClassifierMixin, BaseEstimator):
         return self._unit(np.asarray(X, dtype=np.float64)) @ self.centroids_.T
 
     def predict(self, X):
-        return self.classes_[np.argmax(self._similarity(X), axis=1)]
+        s = self._similarity(X)  # checks fitted before classes_ is touched
+        return self.classes_[np.argmax(s, axis=1)]
 
     def predict_proba(self, X):
         z = self._similarity(X) / self.temperature

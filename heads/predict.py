@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from featurize.cache import FeatureSpace, content_hash
+from featurize.errors import UserError
 
 Embed = Callable[[list], tuple]  # paths -> (X, ok_paths, [(path, reason)])
 
@@ -49,7 +50,10 @@ def predict_files(estimator, meta: dict, paths: list[str], cache_dir, embed: Emb
     """
     found, missing, errors = cached_vectors(cache_dir, meta["space_id"], paths)
     if missing and embed is not None:
-        X_new, ok_new, err_new = embed(missing)
+        try:
+            X_new, ok_new, err_new = embed(missing)
+        except UserError as e:  # e.g. the backbone cannot be loaded: the cached files still get their labels
+            X_new, ok_new, err_new = [], [], [(p, f"could not be embedded: {e}") for p in missing]
         found.update(zip(ok_new, X_new))
         errors += [(str(p), str(r)) for p, r in err_new]
     elif missing:

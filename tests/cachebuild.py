@@ -59,7 +59,9 @@ def build_cache(cache: Path, root: Path, class_names: list[str], n_per_class: li
             hashes.append(hashlib.blake2b(f"{seed}-{i}".encode(), digest_size=16).hexdigest())
         paths.append(str(p))
     space = FeatureSpace(Path(cache), space_id)
-    space.create({"backbone": backbone, "preprocess": {"size": 8}}, dim)
+    # the same keys `extract` writes; the backbone name is not a real one, so nothing can re-embed here
+    space.create({"backbone": backbone, "build": {"backbone": backbone, "weights": None}, "precision": "fp32",
+                  "preprocess": {"resize": 8, "crop": 8}}, dim)
     space.write_shard(hashes, X)
     layout = "split" if any(splits) else ("flat" if unlabelled else "folder")
     idx = DatasetIndex(

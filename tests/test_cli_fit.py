@@ -1,0 +1,138 @@
+"""The fit/compare/predict/report commands as subprocesses on real HDF5 caches and tiny PNGs."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from cachebuild import add_space, build_cache
+from conftest import ROOT, last_json, run_cli
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {"FEATURIZE_HOME": str(tmp_path / "home"), "FEATURIZE_CACHE": str(tmp_path / "nocache")}
+
+
+@pytest.fixture
+def split_cache(tmp_path):
+    """A split-layout dataset (train/test) with real tiny PNGs whose hashes are in the cache."""
+    splits = (["train"] * 14 + ["test"] * 6) * 2
+    build_cache(tmp_path / "c", tmp_path / "data", ["cat", "dog"], [20, 20], splits=splits, images=True, sep=2.5)
+    return tmp_path / "c"
+
+
+def test_fit_split_json_and_saved_head(split_cache, env):
+    p = run_cli("fit", "--head", "logreg", "--cache", split_cache, "--json", env=env, check=0)
+    out = last_json(p)
+    assert out["protocol"] == "split" and set(out["metrics"]) == {"test"}
+    assert out["metrics"]["test"]["n"] == 12 and out["metrics"]["test"]["accuracy"] >= 0.75
+    assert out["timings"]["fit_s"] > 0 and "fit time:" in p.stdout and "balanced_accuracy" in p.stdout
+    meta = json.loads(open(out["paths"]["meta"]).read())
+    assert meta["space_id"] == "tiny-000000000001" and meta["classes"] == ["cat", "dog"]
+    assert meta["versions"]["scikit-learn"]
+
+
+def test_fit_cv_out_class_weight(tmp_path, env):
+    build_cache(tmp_path / "c", tmp_path / "d", ["a", "b", "c"], [12, 8, 5])
+    out_file = tmp_path / "models" / "m.joblib"
+    p = run_cli("fit", "--head", "centroid", "--class-weight", "balanced", "--out", out_file, "--folds", "4",
+                "--cache", tmp_path / "c", "--json", env=env, check=0)
+    out = last_json(p)
+    assert out_file.exists() and out["paths"]["model"] == str(out_file)
+    cv = out["metrics"]["cv"]
+    assert cv["folds"] == 4 and cv["mean"]["accuracy"] > 0.8 and "+/-" in p.stdout
+
+
+def test_compare_every_head_every_backbone(tmp_path, env):
+    build_cache(tmp_path / "c", tmp_path / "d", ["a", "b"], [10, 10])
+    add_space(tmp_path / "c", tmp_path / "d", "other", "other-000000000002")
+    p = run_cli("compare", "--heads", "centroid,knn,logreg", "--cache", tmp_path / "c", "--json", env=env, check=0)
+    out = last_json(p)
+    rows = out["rows"]
+    assert {(r["backbone"], r["head"]) for r in rows} == {(b, h) for b in ("tiny", "other")
+                                                          for h in ("centroid", "knn", "logreg")}
+    accs = [r["accuracy"] for r in rows]
+    assert accs == sorted(accs, reverse=True) and [r["rank"] for r in rows] == list(range(1, 7))
+    with open(out["paths"]["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert "fit_s" in p.stdout
+
+
+def test_predict_files_folders_csv_and_bad_files(split_cache, tmp_path, env):
+    run_cli("fit", "--head", "centroid", "--cache", split_cache, env=env, check=0)
+    broken = tmp_path / "new" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not an image")
+    shutil.copy(tmp_path / "data" / "test" / "dog" / "img0034.png", tmp_path / "new" / "copy.png")
+    p = run_cli("predict", tmp_path / "data" / "test", tmp_path / "new", tmp_path / "missing.jpg", "--head", "centroid",
+                "--format", "csv", "--cache", split_cache, "--json", env=env, check=0)
+    lines = p.stdout.strip().splitlines()
+    rows = list(csv.DictReader(lines[:-1]))
+    assert len(rows) == 13  # 12 test images + the copy, found in the cache by content hash
+    copy = next(r for r in rows if r["path"].endswith("copy.png"))
+    assert copy["label"] == "dog" and 0.5 <= float(copy["probability"]) <= 1 and copy["top_k"].startswith("dog:")
+    out = json.loads(lines[-1])
+    assert {e["path"].rsplit("/", 1)[-1] for e in out["errors"]} == {"broken.png", "missing.jpg"}
+    assert "skipped" in p.stderr and "broken.png" in p.stderr
+
+
+def test_predict_refuses_other_backbone_and_foreign_files(split_cache, tmp_path, env):
+    out = last_json(run_cli("fit", "--head", "knn", "--cache", split_cache, "--json", env=env, check=0))
+    img = tmp_path / "data" / "test" / "cat" / "img0014.png"
+    p = run_cli("predict", img, "--model", out["paths"]["model"], "--backbone", "resnet50", "--cache", split_cache,
+                env=env, check=1)
+    assert p.stderr.startswith("Error: ") and "tiny-000000000001" in p.stderr and "resnet50" in p.stderr
+    stranger = {**env, "FEATURIZE_HOME": str(tmp_path / "elsewhere")}
+    p = run_cli("predict", img, "--model", out["paths"]["model"], "--cache", split_cache, env=stranger, check=1)
+    assert "refusing to load" in p.stderr and "--trust" in p.stderr
+    p = run_cli("predict", img, "--model", out["paths"]["model"], "--trust", "--cache", split_cache, "--json",
+                env=stranger, check=0)
+    assert last_json(p)["predictions"][0]["label"] in ("cat", "dog")
+
+
+def test_report_renders_metrics_confusion_and_gallery(tmp_path, env):
+    build_cache(tmp_path / "c", tmp_path / "d", ["a", "b"], [15, 15], images=True, sep=1.0)
+    run_cli("fit", "--head", "centroid", "--cache", tmp_path / "c", env=env, check=0)
+    p = run_cli("report", "--head", "centroid", "--cache", tmp_path / "c", "--json", env=env, check=0)
+    out = last_json(p)
+    html = open(out["paths"]["html"]).read()
+    assert "confusion" in html and "balanced_accuracy" in html and "data:image/png;base64," in html
+    assert out["paths"]["gallery"] > 0 and html.count("data:image/jpeg;base64,") == out["paths"]["gallery"]
+    assert all(open(png, "rb").read(4) == b"\x89PNG" for png in out["paths"]["pngs"])
+
+
+@pytest.mark.parametrize("kind,fix", [
+    ("empty", "run `extract DATA` first"),
+    ("unlabelled", "<class>"),
+    ("one_class", "at least 2 class folders"),
+    ("single_image", "add at least one more image"),
+    ("typo", "valid heads: logreg"),
+])
+def test_bad_input_one_line_exit_1(tmp_path, env, kind, fix):
+    c, d = tmp_path / "c", tmp_path / "d"
+    if kind == "unlabelled":
+        build_cache(c, d, ["x"], [6], unlabelled=True)
+    elif kind == "one_class":
+        build_cache(c, d, ["x"], [6])
+    elif kind in ("single_image", "typo"):
+        build_cache(c, d, ["x", "y"], [6, 1 if kind == "single_image" else 6])
+    head = "logregg" if kind == "typo" else "logreg"
+    p = run_cli("fit", "--head", head, "--cache", c, env=env, check=1)
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("Error: ") and fix in p.stderr
+
+
+def test_fit_path_never_imports_torch(tmp_path, env):
+    build_cache(tmp_path / "c", tmp_path / "d", ["a", "b"], [6, 6])
+    code = (
+        "import sys, cli, heads, heads.commands, heads.compare, heads.predict, heads.report, heads.store\n"
+        f"assert cli.main(['fit', '--head', 'centroid', '--cache', {str(tmp_path / 'c')!r}]) == 0\n"
+        f"assert cli.main(['compare', '--heads', 'knn', '--cache', {str(tmp_path / 'c')!r}]) == 0\n"
+        "bad = [m for m in ('torch', 'torchvision', 'timm', 'featurize.extract') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**__import__("os").environ, **env}, timeout=120)
+    assert p.returncode == 0, p.stderr

@@ -1,0 +1,105 @@
+"""Registry, protocol (no leakage, CV vs split), metrics and the data checks, on real cache files."""
+
+import numpy as np
+import pytest
+from cachebuild import blobs, build_cache
+
+from featurize.errors import UserError
+from heads import list_heads, make_head
+from heads.metrics import compute_metrics, format_metrics
+from heads.protocol import evaluate, load_labelled
+from heads.registry import resolve_alias
+
+
+def _data(n=(24, 20, 16), dim=8, sep=5.0, seed=0):
+    X, codes = blobs(list(n), dim, sep, seed)
+    return X, np.array(["ant", "bee", "cat"][: len(n)])[codes]
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_every_head_learns_blobs(name):
+    X, y = _data()
+    ev = evaluate(name, X, y, folds=3)
+    assert ev.protocol == "cv-3"
+    assert ev.metrics["cv"]["mean"]["accuracy"] > 0.85
+    assert ev.metrics["cv"]["n"] == len(y)
+    assert "log_loss" in ev.metrics["cv"]
+    assert list(ev.estimator.classes_) == ["ant", "bee", "cat"]
+    assert ev.estimator.predict(X[:3]).tolist() == y[:3].tolist() or ev.metrics["cv"]["accuracy"] < 1
+
+
+def test_unknown_head_lists_valid_names():
+    with pytest.raises(UserError, match=r"unknown head 'svn'; did you mean 'svm'\?.*logreg.*centroid"):
+        make_head("svn")
+
+
+def test_svm_kernel_sized_to_data():
+    assert resolve_alias("svm", 500) == "svm-rbf"
+    assert resolve_alias("svm", 50_000) == "svm-linear"
+    assert type(make_head("svm", n_samples=50_000).estimator.steps[-1][1]).__name__ == "LinearSVC"
+
+
+def test_split_protocol_never_sees_test_rows():
+    X, y = _data((30, 30), seed=1)
+    splits = np.array((["train"] * 20 + ["test"] * 10) * 2)
+    ev = evaluate("logreg", X, y, splits)
+    # replacing every test vector with garbage must not change the fitted head at all
+    X2 = X.copy()
+    X2[splits == "test"] = 1e3
+    ev2 = evaluate("logreg", X2, y, splits)
+    np.testing.assert_array_equal(ev.estimator.predict_proba(X), ev2.estimator.predict_proba(X))
+    assert ev.protocol == "split" and set(ev.metrics) == {"test"} and ev.metrics["test"]["n"] == 20
+    assert "roc_auc" in ev.metrics["test"]
+
+
+def test_seed_makes_runs_repeatable_and_changes_folds():
+    X, y = _data(sep=2.0, seed=3)
+    a = evaluate("mlp", X, y, folds=3, seed=7).metrics["cv"]
+    b = evaluate("mlp", X, y, folds=3, seed=7).metrics["cv"]
+    assert a["confusion"] == b["confusion"] and a["log_loss"] == b["log_loss"]
+
+
+def test_class_weight_balanced_helps_minority_recall():
+    X, codes = blobs([200, 12], 6, 2.0, seed=5)
+    y = np.array(["common", "rare"])[codes]
+    plain = evaluate("logreg", X, y, folds=3).metrics["cv"]["per_class"]["rare"]["recall"]
+    balanced = evaluate("logreg", X, y, folds=3, class_weight="balanced").metrics["cv"]["per_class"]["rare"]["recall"]
+    assert balanced >= plain
+
+
+def test_metrics_match_hand_counts():
+    m = compute_metrics(["a", "a", "a", "b"], ["a", "b", "a", "b"], [[0.9, 0.1], [0.4, 0.6], [0.8, 0.2], [0.3, 0.7]],
+                        ["a", "b"])
+    assert m["accuracy"] == 0.75
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["confusion"] == [[2, 1], [0, 1]]
+    assert m["per_class"]["b"]["precision"] == 0.5
+    assert m["roc_auc"] == 1.0
+    assert m["log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.8, 0.7])))
+    assert "balanced_accuracy" in format_metrics({"test": m})
+
+
+def test_load_labelled_from_real_cache(tmp_path):
+    build_cache(tmp_path / "c", tmp_path / "d", ["x", "y"], [5, 6], dim=4)
+    lf = load_labelled(tmp_path / "c")
+    assert lf.X.shape == (11, 4) and lf.X.dtype == np.float32
+    assert sorted(set(lf.y)) == ["x", "y"] and lf.space_info["backbone"] == "tiny"
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("empty", "cache .* is empty; run `extract DATA` first"),
+    ("unlabelled", "have no labels .*<class>"),
+    ("one_class", "only one class .*at least 2 class folders"),
+    ("single_image", "class 'y' has a single image .*add at least one more"),
+])
+def test_bad_input_is_one_user_error(tmp_path, kind, match):
+    c, d = tmp_path / "c", tmp_path / "d"
+    if kind == "unlabelled":
+        build_cache(c, d, ["x"], [6], unlabelled=True)
+    elif kind == "one_class":
+        build_cache(c, d, ["x"], [6])
+    elif kind == "single_image":
+        build_cache(c, d, ["x", "y"], [6, 1])
+    with pytest.raises(UserError, match=match) as e:
+        load_labelled(c)
+    assert "\n" not in str(e.value)
