@@ -212,6 +212,8 @@ class OpenVINOEngine:
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         """uint8 (N, 3, H, W) -> float32 (N, D) numpy."""
         x = np.ascontiguousarray(images.numpy() if isinstance(images, torch.Tensor) else images, dtype=np.uint8)
+        if len(x) == 0:
+            return np.empty((0, self.backbone.dim), np.float32)
         out = self.request.infer({0: x}, share_inputs=True)
         return np.array(out[self.compiled.output(0)], dtype=np.float32, copy=True)
 

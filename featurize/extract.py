@@ -187,8 +187,13 @@ def _run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, w
         ex.engine.engine
         timer.seconds["load_model"] += time.perf_counter() - t
     try:
-        batches = reader([p for _, p in todo], ex.backbone.preprocess, batch_size, workers,
-                         pin=ex.device.type == "cuda")
+        from featurize.gpu import device_reader, gpu_decode_available
+
+        if gpu_decode_available(ex.device):  # nvjpeg: JPEGs decode and resize on the GPU
+            batches = device_reader([p for _, p in todo], ex.backbone.preprocess, batch_size, workers, ex.device)
+        else:
+            batches = reader([p for _, p in todo], ex.backbone.preprocess, batch_size, workers,
+                             pin=ex.device.type == "cuda")
         for b in batches:
             timer.seconds["decode"] += b["decode_s"]
             for i, reason in b["errors"]:
