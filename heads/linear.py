@@ -72,8 +72,18 @@ def refit(estimator, X, y):
     fine-tuning validation is then never trained on by either stage.
     """
     from sklearn.base import clone
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.pipeline import Pipeline
 
-    return clone(_final_estimator(estimator)).fit(X, y)
+    chosen = _final_estimator(estimator)
+    model = clone(chosen)
+    old_clf = chosen.steps[-1][1] if isinstance(chosen, Pipeline) else chosen
+    if isinstance(old_clf, LogisticRegressionCV):
+        # a CV estimator would search C again on these rows: pin the C it chose instead
+        clf = LogisticRegression(C=float(np.ravel(old_clf.C_)[0]), class_weight=old_clf.class_weight,
+                                 max_iter=old_clf.max_iter, tol=old_clf.tol)
+        model = Pipeline(model.steps[:-1] + [(model.steps[-1][0], clf)]) if isinstance(model, Pipeline) else clf
+    return model.fit(X, y)
 
 
 def load_probe(path, space_id: str, trust: bool = False):
