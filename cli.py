@@ -245,7 +245,7 @@ def cmd_finetune(args) -> dict:
 
     if args.resume:
         run = ft.latest_run_dir() if args.resume == "latest" else args.resume
-        summary = ft.train(run, progress=not args.json)
+        summary = ft.train(run)
     else:
         from featurize.cache import find_index, load_features, resolve_space
 
@@ -263,7 +263,7 @@ def cmd_finetune(args) -> dict:
         probe = _probe_for(args, cache, ipath, space.space_id, X, list(paths), labels, plan) \
             if cfg.init == "probe" else None
         run = ft.start_run(plan, space.info(), cfg, args.out or ft.next_run_dir(), probe)
-        summary = ft.train(run, progress=not args.json)
+        summary = ft.train(run)
     s = summary
     print(f"{s['run']}: best epoch {s['best_epoch']} val_acc {s['best_val_accuracy']:.4f} "
           f"(epoch 0 = {s['init']} init: {s['epoch0_val_accuracy']:.4f})"
@@ -313,9 +313,34 @@ FINETUNE_COMMANDS = [add_finetune]
 # --------------------------------------------------------------------------- end of finetune section
 
 
+# --------------------------------------------------------------------------- demo
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="offline demo: write scikit-learn's digits as PNGs, extract, fit logreg")
+    p.add_argument("--out", default="data/digits", help="where to write the digit images")
+    p.add_argument("--head", default="logreg")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> dict:
+    from featurize.demo import write_digits
+
+    folder = write_digits(args.out)
+    print(f"wrote scikit-learn's 1,797 handwritten digits to {folder}/<digit>/*.png")
+    result = {"extract": cmd_extract(argparse.Namespace(
+        data=str(folder), backbone="efficientnet_lite0", weights=None, batch_size=32, workers=None, device="auto",
+        precision="auto", engine="auto", wait=False, no_progress=args.json, json=args.json, cache=args.cache))}
+    from heads.commands import run_fit
+
+    result["fit"] = run_fit(_cache(args), head=args.head, data=str(folder))
+    return result
+
+
 # --------------------------------------------------------------------------- main
 
-COMMANDS = [add_extract, add_backbones] + HEAD_COMMANDS + FINETUNE_COMMANDS
+COMMANDS = [add_extract, add_backbones, add_demo] + HEAD_COMMANDS + FINETUNE_COMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -180,7 +180,8 @@ def _run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, w
     if progress and todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, file=sys.stderr,
+                   disable=None)  # None: only on a terminal, logs stay clean
     interrupted = False
     if todo and hasattr(ex.engine, "engine"):  # a LazyEngine: build it now, outside the model timing
         t = time.perf_counter()
