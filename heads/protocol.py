@@ -115,7 +115,12 @@ def _misclassified(paths, y, pred, proba, classes, part):
     return rows
 
 
-def _jsonable(params: dict) -> dict:
+def best_params(est) -> dict:
+    """Return the hyper-parameters the inner CV chose, as JSON-able values."""
+    params = getattr(est, "best_params_", None)
+    if params is None:  # logreg: a Pipeline around LogisticRegressionCV
+        last = est.steps[-1][1] if hasattr(est, "steps") else est
+        params = {"clf__C": float(np.ravel(last.C_)[0])} if hasattr(last, "C_") else {}
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
 
 
@@ -179,7 +184,7 @@ def evaluate(head: str, X, y, splits=None, paths=None, *, class_weight=None, see
     return Evaluation(
         head=head, resolved=resolve_alias(head, n_train), protocol=protocol, metrics=metrics, estimator=est,
         classes=classes, fit_seconds=fit_s, eval_seconds=time.perf_counter() - t0,
-        best_params=_jsonable(getattr(est, "best_params_", {})), errors=errors,
+        best_params=best_params(est), errors=errors,
     )
 
 

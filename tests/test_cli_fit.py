@@ -73,7 +73,11 @@ def test_predict_files_folders_csv_and_bad_files(split_cache, tmp_path, env):
     rows = list(csv.DictReader(lines[:-1]))
     assert len(rows) == 13  # 12 test images + the copy, found in the cache by content hash
     copy = next(r for r in rows if r["path"].endswith("copy.png"))
-    assert copy["label"] == "dog" and 0.5 <= float(copy["probability"]) <= 1 and copy["top_k"].startswith("dog:")
+    original = next(r for r in rows if r["path"].endswith("img0034.png"))
+    # same bytes -> same cached vector -> same answer; the top-1 probability leads the top-k list
+    assert (copy["label"], copy["probability"]) == (original["label"], original["probability"])
+    assert 0.5 <= float(copy["probability"]) <= 1 and copy["top_k"].startswith(copy["label"] + ":")
+    assert sum(r["label"] == r["path"].split("/")[-2] for r in rows if "/test/" in r["path"]) >= 8
     out = json.loads(lines[-1])
     assert {e["path"].rsplit("/", 1)[-1] for e in out["errors"]} == {"broken.png", "missing.jpg"}
     assert "skipped" in p.stderr and "broken.png" in p.stderr
