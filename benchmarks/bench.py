@@ -45,22 +45,31 @@ sys.path.insert(0, str(ROOT))
 # --------------------------------------------------------------------------- harness helpers
 
 
-def _tree_rss(pid: int) -> int:
-    """RSS bytes of ``pid`` and all its descendants."""
-    total, stack, seen = 0, [pid], set()
+def _tree_rss(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes of ``pid`` and all its descendants.
+
+    Summed RSS counts the shared pages (torch's libraries, the parent's memory the workers
+    inherit) once per process; PSS splits them, so summed PSS is the memory actually used.
+    """
+    rss = pss = 0
+    stack, seen = [pid], set()
     while stack:
         p = stack.pop()
         if p in seen:
             continue
         seen.add(p)
         try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
             with open(f"/proc/{p}/task/{p}/children") as f:
                 stack += [int(c) for c in f.read().split()]
         except (OSError, ValueError):
             pass
-    return total
+    return rss, pss
 
 
 def run_worker(task: str, env: dict | None = None, timeout: float = 3600, **kw) -> dict:
@@ -69,13 +78,14 @@ def run_worker(task: str, env: dict | None = None, timeout: float = 3600, **kw) 
     os.close(fd)
     cmd = [sys.executable, __file__, "_worker", task, json.dumps(kw), out]
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak = peak_pss = 0
     done = threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, peak_pss
         while not done.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
+            rss, pss = _tree_rss(proc.pid)
+            peak, peak_pss = max(peak, rss), max(peak_pss, pss)
             time.sleep(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -87,7 +97,8 @@ def run_worker(task: str, env: dict | None = None, timeout: float = 3600, **kw) 
         raise RuntimeError(f"worker {task} failed:\n{err[-3000:]}")
     res = json.loads(Path(out).read_text())
     os.unlink(out)
-    res["peak_rss_mb"] = round(peak / 2**20, 1)
+    res["peak_rss_mb"] = round(peak / 2**20, 1)  # summed RSS (shared pages counted per process)
+    res["peak_pss_mb"] = round(peak_pss / 2**20, 1)  # summed PSS (memory actually used)
     return res
 
 
@@ -508,10 +519,10 @@ def table(R: dict) -> str:
                  f"({100 * r['rerun_fraction_cli']:.2f} %)")
     if "rss" in R:
         L.append("\n## Peak RSS of extraction (main process + decode workers)\n")
-        L.append("| images | seconds | peak RSS MB |")
-        L.append("|---|---|---|")
+        L.append("| images | seconds | peak summed PSS MB | peak summed RSS MB (shared pages counted per process) |")
+        L.append("|---|---|---|---|")
         for n, r in R["rss"].items():
-            L.append(f"| {n} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+            L.append(f"| {n} | {r['seconds']:.1f} | {r.get('peak_pss_mb', 0):.0f} | {r['peak_rss_mb']:.0f} |")
     if "knobs" in R:
         L.append("\n## Knobs (OpenVINO path, Lite0)\n")
         L.append("| decode workers | engine threads | batch | img/s |")
