@@ -2,10 +2,11 @@
 
 Public API::
 
-    make_head(name, class_weight=None, seed=0, n_samples=None)  -> unfitted sklearn estimator
-    list_heads(), describe_heads()
-    evaluate(name, X, y, splits, paths)                          -> Evaluation (see heads.protocol)
-    save_head(path, evaluation, meta) / load_head(path, expect_space=None)
+    heads.make_head(name, class_weight=None, seed=0, n_samples=None) -> unfitted sklearn estimator
+    heads.list_heads(), heads.describe_heads(), heads.register(name, description)
+    heads.protocol.evaluate(name, X, y, splits, paths)              -> Evaluation (metrics + fitted head)
+    heads.protocol.load_labelled(cache_dir, data, backbone)         -> cached features of a dataset
+    heads.store.save_head(path, estimator, meta) / load_head(path, expect_space=None)
 """
 
 from heads.registry import describe_heads, list_heads, make_head, register  # noqa: F401
