@@ -465,6 +465,8 @@ def resolve_space(cache_dir: str | os.PathLike, index: DatasetIndex, backbone: s
         raise UserError(f"{index.root} has no finished extraction in {cache_dir}; run `extract {index.root}`")
     if backbone is None:
         return FeatureSpace(Path(cache_dir), runs[0][0])
+    if os.path.isfile(os.path.join(backbone, "featurize_run.json")):  # a fine-tuning run folder (RUN_META)
+        backbone = f"run:{Path(backbone).resolve().name}"
     for sid, info in runs:
         if backbone in (sid, info.get("backbone")):
             return FeatureSpace(Path(cache_dir), sid)

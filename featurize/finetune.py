@@ -516,7 +516,7 @@ def _checkpoint(out: Path, meta: dict, model: FinetuneModel, opt, epoch: int, im
         (out / name).unlink(missing_ok=True)
 
 
-def train(out: str | os.PathLike, progress: bool = True, log=None) -> dict:
+def train(out: str | os.PathLike, log=None) -> dict:
     """Train (or continue) the run in ``out`` to its end; return the JSON-able summary.
 
     Resumes from the last complete epoch when the run has one. Prints one line per epoch

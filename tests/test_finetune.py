@@ -191,6 +191,8 @@ def test_run_folder_is_a_backbone_and_predicts(env):
     run, _ = _run(env, "asbb", epochs=1)
     s = extract(env["data"], env["cache"], backbone=str(run), precision="fp32", workers=0, progress=False)
     assert s["backbone"] == "run:asbb" and s["space_id"] != env["space"].space_id and s["ok"] == 24
+    _, index = find_index(env["cache"], env["data"])  # `fit --backbone runs/ft-NNN/` finds that space
+    assert resolve_space(env["cache"], index, str(run) + "/").space_id == s["space_id"]
     files = [os.path.join(env["index"].root, p) for p in env["paths"][:5]] + [str(env["tmp"] / "missing.jpg")]
     probs, classes, ok, errors = ft.predict_run(run, files, workers=0)
     assert classes == ["a", "b", "c"] and probs.shape == (5, 3) and len(ok) == 5 and len(errors) == 1
