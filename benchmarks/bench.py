@@ -181,7 +181,7 @@ def w_featurize(backbone, weights, folder, engine, cache, warm_folder=None, work
     from featurize.extract import extract
 
     if threads:
-        engines.cpu_cores = lambda: threads
+        engines.default_engine_threads = lambda: threads
     kw = dict(cache_dir=cache, backbone=backbone, weights=weights, engine=engine, progress=False,
               workers=workers, batch_size=batch_size)
     prep = None
