@@ -201,7 +201,7 @@ def w_featurize(backbone, weights, folder, engine, cache, warm_folder=None, work
     np.save(Path(folder).parent / f"fz-{backbone}-{engine}.npy", X[order])
     res["paths"] = sorted(paths.astype(str).tolist())
     if model_only:  # the engine alone on a pre-decoded batch of the same images
-        from featurize.extract import build_extractor, reader
+        from featurize.pipeline import build_extractor, reader
 
         ex = build_extractor(cache, backbone, weights, engine=engine)
         paths_abs = [str(Path(folder) / p) for p in res["paths"][:64]]

@@ -282,3 +282,21 @@ def test_ctrl_c_saves_work_and_exits_with_one_line(tmp_path):
     p = run_cli("extract", data, "--backbone", "tiny", "--precision", "fp32", "--cache", cache, "--json", check=0)
     assert last_json(p)["embedded"] == 300 - saved and last_json(p)["ok"] == 300
     shutil.rmtree(cache)
+
+
+def test_rerun_with_nothing_new_never_imports_torch(dataset, cache):
+    code = ("import sys; from featurize.extract import extract; "
+            "s = extract(sys.argv[1], sys.argv[2], backbone='tiny', precision='fp32', workers=0, progress=False); "
+            "print(s['embedded'], s['ok'], s['space_id'], 'torch' in sys.modules)")
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", code, str(dataset), str(cache)], capture_output=True, text=True,
+                             cwd=ROOT, check=True).stdout.split()
+        return int(out[0]), int(out[1]), out[2], out[3] == "True"
+
+    first = run()
+    assert first[0] == 8 and first[3]  # had work: built the model
+    again = run()
+    assert again == (0, 8, first[2], False)  # same space, no model, no torch
+    make_image(dataset / "cat" / "extra.jpg", seed=4242)
+    assert run()[:2] == (1, 9)

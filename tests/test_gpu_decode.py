@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from featurize.backbones import get_backbone
-from featurize.extract import reader
+from featurize.pipeline import reader
 from featurize.gpu import _plain_jpeg, device_reader, gpu_decode_available
 
 

@@ -1,0 +1,181 @@
+"""The torch half of extraction: reader -> model -> writer.
+
+- reader: DataLoader workers decode + resize on uint8 (``featurize.images``); a file that
+  fails becomes a recorded status, never an exception (on CUDA, JPEGs decode on the GPU:
+  ``featurize.gpu``);
+- model: an engine (``featurize.engines``) runs batched inference in ``inference_mode``;
+- writer: rows go to immutable HDF5 shards every few seconds (``featurize.cache``).
+``featurize.extract`` imports this module only when there is something to embed, so a
+re-run with nothing new never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from featurize import cache as fc
+from featurize.backbones import Backbone, get_backbone, resolve_device, resolve_precision
+from featurize.engines import make_engine
+from featurize.images import ImageError, Preprocess, read_image
+
+
+def tune_allocator() -> None:
+    """Stop glibc from returning big activation buffers to the OS after every batch.
+
+    With default thresholds each batch's large tensors are mmap'ed and unmapped again, so
+    every batch page-faults its memory back in (2x slower on this class of CPU). Raising the
+    mmap and trim thresholds keeps that memory in the heap. No-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's maximum on 64-bit
+        libc.mallopt(M_TRIM_THRESHOLD, 1024 * 1024 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class ImageReader(Dataset):
+    """Map-style dataset of files -> (index, uint8 crop or None, error, decode seconds)."""
+
+    def __init__(self, paths: list[str], preprocess: Preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        t = time.perf_counter()
+        try:
+            img = self.preprocess(read_image(self.paths[i]))
+            return i, img, "", time.perf_counter() - t
+        except ImageError as e:
+            return i, None, str(e), time.perf_counter() - t
+        except Exception as e:  # a decoder bug on one file must not end the run
+            return i, None, f"cannot decode ({type(e).__name__}: {e})", time.perf_counter() - t
+
+
+def _collate(items):
+    ok = [(i, img) for i, img, err, _ in items if img is not None]
+    return {
+        "index": [i for i, _ in ok],
+        "images": torch.stack([img for _, img in ok]) if ok else None,
+        "errors": [(i, err) for i, img, err, _ in items if img is None],
+        "decode_s": sum(t for *_, t in items),
+    }
+
+
+def _worker_init(_):
+    # Ctrl-C goes to the whole process group; only the main process handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def reader(paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool = False):
+    """Yield batches ``{index, images (uint8 NCHW), errors [(i, reason)], decode_s}`` in order."""
+    loader = DataLoader(
+        ImageReader(paths, preprocess), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None, pin_memory=pin,
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    yield from loader
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class Extractor:
+    """A built backbone + engine + feature space, ready to embed batches."""
+
+    backbone: Backbone
+    engine: object
+    device: torch.device
+    precision: str
+    space: fc.FeatureSpace
+    build: dict = field(default_factory=dict)
+
+
+def build_extractor(cache_dir, backbone: str, weights: str | None = None, device: str = "auto",
+                    precision: str = "auto", engine: str = "auto") -> Extractor:
+    """Build the backbone and engine and register its feature space in the cache.
+
+    Raises ``UserError`` for unknown backbones/devices/precisions or missing weights.
+    """
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    bb = get_backbone(backbone, weights=weights)
+    config = bb.space_config(prec)
+    space = fc.FeatureSpace(cache_dir, fc.space_id_for(config))
+    build = {"backbone": backbone if not os.path.isdir(backbone) else os.path.realpath(backbone),
+             "weights": os.path.realpath(weights) if weights else None}
+    eng = make_engine(bb, dev, prec, engine, cache_dir=cache_dir, space_id=space.space_id, lazy=True)
+    space.create({**config, "build": build, "dim": bb.dim}, bb.dim)
+    return Extractor(bb, eng, dev, prec, space, build)
+
+
+@dataclass
+class Timer:
+    seconds: dict = field(default_factory=lambda: {"scan": 0.0, "hash": 0.0, "load_model": 0.0, "decode": 0.0,
+                                                   "model": 0.0, "write": 0.0})
+
+
+def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, workers: int, timer: Timer,
+                  progress: bool, on_error) -> tuple[int, bool]:
+    """Embed ``todo`` [(hash, abspath)] into the space; return (rows written, interrupted)."""
+    writer = fc.ShardWriter(ex.space)
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, file=sys.stderr,
+                   disable=None)  # None: only on a terminal, logs stay clean
+    interrupted = False
+    if todo and hasattr(ex.engine, "engine"):  # a LazyEngine: build it now, outside the model timing
+        t = time.perf_counter()
+        ex.engine.engine
+        timer.seconds["load_model"] += time.perf_counter() - t
+    try:
+        from featurize.gpu import device_reader, gpu_decode_available
+
+        if gpu_decode_available(ex.device):  # nvjpeg: JPEGs decode and resize on the GPU
+            batches = device_reader([p for _, p in todo], ex.backbone.preprocess, batch_size, workers, ex.device)
+        else:
+            batches = reader([p for _, p in todo], ex.backbone.preprocess, batch_size, workers,
+                             pin=ex.device.type == "cuda")
+        for b in batches:
+            timer.seconds["decode"] += b["decode_s"]
+            for i, reason in b["errors"]:
+                on_error(todo[i][0], reason)
+            if b["images"] is not None:
+                t = time.perf_counter()
+                emb = ex.engine(b["images"])
+                timer.seconds["model"] += time.perf_counter() - t
+                writer.add([todo[i][0] for i in b["index"]], emb)
+            if bar:
+                bar.update(len(b["index"]) + len(b["errors"]))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        writer.flush()  # what was embedded is kept, even on Ctrl-C
+        timer.seconds["write"] += writer.seconds
+        if bar:
+            bar.close()
+    return writer.rows_written, interrupted
