@@ -3,7 +3,7 @@
 - ``TorchEngine`` is the reference engine on every device (CPU, CUDA, MPS): PyTorch eager,
   channels_last, autocast to the chosen precision (bf16/fp16 on GPUs, bf16 on CPUs with
   AVX512-BF16/AMX, fp32 otherwise).
-- ``OpenVINOEngine`` is the optimised CPU engine (``pip install featurize[openvino]``): the
+- ``OpenVINOEngine`` is the optimised CPU engine (a dependency on x86-64 and arm64): the
   frozen module is converted once to OpenVINO IR with the normalisation folded in (it takes
   the uint8 batch directly), saved under ``<cache>/engines/<space_id>-openvino/`` and
   compiled with the bf16 inference hint on CPUs that run bf16 natively. The second run
@@ -281,7 +281,7 @@ def make_engine(backbone, device: torch.device, precision: str, engine: str = "a
         if engine == "openvino" and device.type != "cpu":
             raise UserError(f"--engine openvino runs on the CPU; use --device cpu or --engine torch on {device.type}")
         if engine == "openvino" and not openvino_available():
-            raise UserError("--engine openvino needs OpenVINO: pip install 'featurize[openvino]' (or `pip install "
+            raise UserError("--engine openvino needs OpenVINO: pip install openvino"
                             "openvino`); --engine torch works without it")
         predicted = engine if engine != "auto" else (
             "openvino" if _auto_openvino(backbone, device, precision) else "torch")
@@ -293,7 +293,7 @@ def make_engine(backbone, device: torch.device, precision: str, engine: str = "a
         if device.type != "cpu":
             raise UserError(f"--engine openvino runs on the CPU; use --device cpu or --engine torch on {device.type}")
         if not openvino_available():
-            raise UserError("--engine openvino needs OpenVINO: pip install 'featurize[openvino]' (or `pip install "
+            raise UserError("--engine openvino needs OpenVINO: pip install openvino"
                             "openvino`); --engine torch works without it")
         try:
             return OpenVINOEngine(backbone, precision, engine_folder(cache_dir, space_id, "openvino"), threads)
