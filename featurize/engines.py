@@ -281,8 +281,8 @@ def make_engine(backbone, device: torch.device, precision: str, engine: str = "a
         if engine == "openvino" and device.type != "cpu":
             raise UserError(f"--engine openvino runs on the CPU; use --device cpu or --engine torch on {device.type}")
         if engine == "openvino" and not openvino_available():
-            raise UserError("--engine openvino needs OpenVINO: pip install openvino"
-                            "openvino`); --engine torch works without it")
+            raise UserError("--engine openvino needs OpenVINO: `pip install openvino` (no wheel for this "
+                            "platform? use --engine torch)")
         predicted = engine if engine != "auto" else (
             "openvino" if _auto_openvino(backbone, device, precision) else "torch")
         return LazyEngine(lambda: make_engine(backbone, device, precision, engine, cache_dir, space_id, threads),
@@ -293,8 +293,8 @@ def make_engine(backbone, device: torch.device, precision: str, engine: str = "a
         if device.type != "cpu":
             raise UserError(f"--engine openvino runs on the CPU; use --device cpu or --engine torch on {device.type}")
         if not openvino_available():
-            raise UserError("--engine openvino needs OpenVINO: pip install openvino"
-                            "openvino`); --engine torch works without it")
+            raise UserError("--engine openvino needs OpenVINO: `pip install openvino` (no wheel for this "
+                            "platform? use --engine torch)")
         try:
             return OpenVINOEngine(backbone, precision, engine_folder(cache_dir, space_id, "openvino"), threads)
         except UserError:
