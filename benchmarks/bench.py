@@ -251,7 +251,6 @@ def w_featurize_classifier(folder, cache, test_paths):
 
 def w_tutorial(folder, test_paths, epochs):
     """PyTorch tutorial "ConvNet as fixed feature extractor", same backbone, same split."""
-    import numpy as np
     import torch
     from PIL import Image
     from torch import nn
@@ -384,7 +383,7 @@ def sec_extract(args, work: Path, R: dict) -> None:
                                                     folder.parent / f"naive-{backbone}.npy")
             rows[engine] = r
         base = rows["naive"]["img_s"]
-        for k, r in rows.items():
+        for r in rows.values():
             r["ratio_vs_naive"] = r["img_s"] / base
             r.pop("paths", None)
         out[backbone] = {"images": n, "weights": "pretrained" if weights is None else "random init (speed only)",

@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader, Dataset
 from featurize import cache as fc
 from featurize.backbones import RUN_META, Backbone, get_backbone, resolve_device, resolve_precision
 from featurize.errors import UserError
-from featurize.pipeline import default_workers, reader, tune_allocator
 from featurize.images import ImageError, read_image
+from featurize.pipeline import default_workers, reader, tune_allocator
 
 SPLIT_FILE = "split.json"
 

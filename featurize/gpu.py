@@ -130,9 +130,8 @@ def gpu_decode_available(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     try:
-        from torchvision.io import decode_jpeg
-
         from PIL import Image
+        from torchvision.io import decode_jpeg
 
         buf = io.BytesIO()
         Image.new("RGB", (8, 8), (200, 100, 50)).save(buf, format="JPEG")

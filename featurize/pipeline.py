@@ -150,7 +150,7 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
     interrupted = False
     if todo and hasattr(ex.engine, "engine"):  # a LazyEngine: build it now, outside the model timing
         t = time.perf_counter()
-        ex.engine.engine
+        _ = ex.engine.engine  # the property builds it
         timer.seconds["load_model"] += time.perf_counter() - t
     try:
         from featurize.gpu import device_reader, gpu_decode_available

@@ -54,7 +54,7 @@ def _per_class_fig(m: dict, title: str):
     classes = list(m["per_class"])
     x = np.arange(len(classes))
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(classes) + 2), 3.2))
-    for k, (name, off) in enumerate((("precision", -0.27), ("recall", 0.0), ("f1", 0.27))):
+    for name, off in (("precision", -0.27), ("recall", 0.0), ("f1", 0.27)):
         ax.bar(x + off, [m["per_class"][c][name] for c in classes], width=0.27, label=name)
     ax.set_xticks(x, classes, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from conftest import SHARED, run_cli
-from featurize.backbones import (backbone_names, get_backbone, list_backbones, load_state_dict_file, resolve_device,
-                                 resolve_precision)
+from featurize.backbones import (
+    backbone_names,
+    get_backbone,
+    list_backbones,
+    load_state_dict_file,
+    resolve_device,
+    resolve_precision,
+)
 from featurize.errors import UserError
 
 OFFLINE = [r["name"] for r in list_backbones() if r["offline"]]

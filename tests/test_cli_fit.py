@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from cachebuild import add_space, build_cache
 from conftest import ROOT, last_json, run_cli
 

@@ -90,7 +90,6 @@ def test_epoch0_is_the_probe(env):
     run = ft.start_run(plan, env["space"].info(), ft.FinetuneConfig(epochs=1, max_steps=1, batch_size=4, workers=0),
                        env["tmp"] / "runs" / "p0", probe)
     # logits of the initial model on the images == the probe's decision function on the cached vectors
-    bb, model, dev, dtype, classes = None, None, None, None, None
     meta = json.loads((run / "featurize_run.json").read_text())
     bb, model, dev, prec, dtype = ft._build(meta)
     model.load_state_dict(_init(run))

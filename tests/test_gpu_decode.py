@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from featurize.backbones import get_backbone
-from featurize.pipeline import reader
 from featurize.gpu import _plain_jpeg, device_reader, gpu_decode_available
+from featurize.pipeline import reader
 
 
 def _photo(path: Path, size=(300, 200), mode="RGB", fmt=None, exif_rotate=False) -> str:

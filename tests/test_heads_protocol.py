@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from cachebuild import blobs, build_cache
 
+from cachebuild import blobs, build_cache
 from featurize.errors import UserError
 from heads import list_heads, make_head
 from heads.metrics import compute_metrics, format_metrics

@@ -4,8 +4,8 @@ import pickle
 
 import numpy as np
 import pytest
-from cachebuild import blobs
 
+from cachebuild import blobs
 from featurize.errors import UserError
 from heads import make_head
 from heads.store import file_digest, load_head, read_meta, save_head, trust_file
