@@ -35,10 +35,11 @@ def add_extract(sub) -> None:
     p.add_argument("--backbone", default="efficientnet_lite0",
                    help="registered name, timm:<name>, or a fine-tuning run folder (see `backbones`)")
     p.add_argument("--weights", default=None, help="local .pth/.safetensors state dict (offline use)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None, help="decode workers (default: sized to the cores)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
-    p.add_argument("--precision", default="auto", help="auto|fp32|bf16|fp16")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    p.add_argument("--workers", type=int, default=None, help="decode workers (None: one per core)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--precision", default="auto",
+                   help="auto (bf16 on CUDA and AMX/AVX512-BF16 CPUs, fp16 on MPS, else fp32) | fp32 | bf16 | fp16")
     p.add_argument("--engine", default="auto", help="auto|torch|openvino")
     p.add_argument("--wait", action="store_true", help="wait for another extract on the same folder instead of failing")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -71,7 +72,7 @@ def cmd_backbones(args) -> dict:
     print(f"{'name':<22}{'dim':>6}  offline  source")
     for r in rows:
         print(f"{r['name']:<22}{r['dim'] or '?':>6}  {'yes' if r['offline'] else 'no ':<7}  {r['source']}")
-    print("timm:<name>             any timm model with its pretrained config (needs internet or --weights)")
+    print(f"{'timm:<name>':<22}{'-':>6}  {'no':<7}  any timm model with its pretrained config (needs internet or --weights)")
     return {"backbones": rows}
 
 
@@ -343,9 +344,17 @@ def cmd_demo(args) -> dict:
 COMMANDS = [add_extract, add_backbones, add_demo] + HEAD_COMMANDS + FINETUNE_COMMANDS
 
 
+class _Parser(argparse.ArgumentParser):
+    """Sub-command parsers show each option's default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurize", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in COMMANDS:
         add(sub)
     return parser

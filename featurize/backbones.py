@@ -8,7 +8,9 @@ it also accepts ``timm:<name>`` and a fine-tuning run folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -196,8 +198,10 @@ def _torchvision(name: str, head_path: str, weights: str | None, pretrained: boo
         _load_into(model, load_state_dict_file(weights), weights, (head_path + ".",))
         digest = file_digest(weights)
     elif pretrained:
+        chatter = io.StringIO()
         try:
-            sd = enum.get_state_dict(progress=False, check_hash=True)
+            with contextlib.redirect_stderr(chatter):  # torch hub's "Downloading: ..." line
+                sd = enum.get_state_dict(progress=False, check_hash=True)
         except Exception as e:
             target = _hub_file(enum.url)
             raise UserError(

@@ -449,6 +449,8 @@ def find_index(cache_dir: str | os.PathLike, data: str | os.PathLike | None = No
         if not p.exists():
             raise UserError(f"{data} has not been extracted into {cache_dir}; run `extract {data}` first")
         return p, read_index(p)
+    if not cache_dir.is_dir():
+        raise UserError(f"the cache folder {cache_dir} does not exist; check --cache, or run `extract DATA` first")
     found = list_indexes(cache_dir) if (cache_dir / "datasets").is_dir() else []
     if not found:
         raise UserError(f"the cache {cache_dir} is empty; run `extract DATA` first (or pass --cache)")

@@ -190,13 +190,16 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
             space.compact(max_shards=1)
             seconds["write"] += time.perf_counter() - t
 
+    ok_hashes = [h for h, s in zip(hashes, statuses) if s == fc.STATUS_OK]
+    duplicates = len(ok_hashes) - len(set(ok_hashes))  # files with the bytes of another file
     wall = time.perf_counter() - t_start
     summary = {
         "dataset": sc.root, "layout": sc.layout, "backbone": run.get("backbone"), "space_id": sid,
         "dim": run.get("dim") or space.info()["dim"], "device": run.get("device"), "precision": run.get("precision"),
         "engine": run.get("engine"),
         "images": len(sc.entries), "classes": len(index.classes), "ignored_files": sc.ignored,
-        "hashed": n_hashed, "embedded": written, "cached": n_ok - written,
+        "hashed": n_hashed, "embedded": written,
+        "cached": n_ok - written - duplicates, "duplicates": duplicates,
         "ok": n_ok, "failed": n_err, "pending": sum(s == fc.STATUS_PENDING for s in statuses),
         "errors": [{"path": p, "reason": r} for p, r in index.errors()][:50],
         "seconds": {k: round(v, 3) for k, v in seconds.items()}, "wall_seconds": round(wall, 3),
@@ -217,7 +220,8 @@ def format_summary(s: dict) -> str:
         f"{s['dataset']}: {s['images']} images ({s['layout']} layout, {s['classes']} classes) -> "
         f"{s['ok']} ok, {s['failed']} failed, {s['ignored_files']} non-image files ignored",
         f"backbone {s['backbone']} (D={s['dim']}) on {s['device']} {s['precision']} [{s['engine']}]: "
-        f"embedded {s['embedded']}, reused {s['cached']} from cache",
+        f"embedded {s['embedded']}, reused {s['cached']} from cache"
+        + (f", {s['duplicates']} files duplicate others' bytes" if s.get("duplicates") else ""),
         "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in sec.items()) + f"; wall {s['wall_seconds']:.2f}s",
         f"cache: {s['index_file']} + {s['features_dir']}",
     ]

@@ -63,7 +63,7 @@ def check_head_name(name: str) -> str:
         return name
     close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise UserError(f"unknown head {name!r}; {hint}valid heads: {', '.join(_REGISTRY)} (use --head NAME)")
+    raise UserError(f"unknown head {name!r}; {hint}valid heads: {', '.join(_REGISTRY)}")
 
 
 def make_head(name: str, *, class_weight: str | None = None, seed: int = 0, n_samples: int | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import time
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def build_report(meta: dict, out_dir, max_errors: int = 60) -> dict:
     per_class = "".join(f"<h3>{html.escape(part)} (n={m['n']})</h3>{_per_class_table(m)}" for part, m in metrics.items())
     cards = []
     for e in meta.get("errors", [])[:max_errors]:
-        b64 = _thumb(e["path"])
+        b64 = _thumb(os.path.join(meta.get("dataset", ""), e["path"]))  # index paths are root-relative
         img = f'<img src="data:image/jpeg;base64,{b64}" alt="">' if b64 else '<div class="bad">(image missing)</div>'
         prob = f" ({e['prob']:.2f})" if e.get("prob") is not None else ""
         cards.append(f"<figure>{img}<figcaption>true <b>{html.escape(e['true'])}</b><br>"

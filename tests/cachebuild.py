@@ -48,7 +48,7 @@ def build_cache(cache: Path, root: Path, class_names: list[str], n_per_class: li
     labels = [class_names[c] for c in codes]
     n = len(labels)
     splits = splits or [""] * n
-    paths, hashes = [], []
+    paths, rels, hashes = [], [], []  # the index holds root-relative paths, as `extract` writes them
     for i, (lab, sp) in enumerate(zip(labels, splits)):
         rel = Path(sp) / lab / f"img{i:04d}.png" if sp else Path(lab) / f"img{i:04d}.png"
         p = Path(root) / rel
@@ -58,6 +58,7 @@ def build_cache(cache: Path, root: Path, class_names: list[str], n_per_class: li
         else:
             hashes.append(hashlib.blake2b(f"{seed}-{i}".encode(), digest_size=16).hexdigest())
         paths.append(str(p))
+        rels.append(rel.as_posix())
     space = FeatureSpace(Path(cache), space_id)
     # the same keys `extract` writes; the backbone name is not a real one, so nothing can re-embed here
     space.create({"backbone": backbone, "build": {"backbone": backbone, "weights": None}, "precision": "fp32",
@@ -65,7 +66,7 @@ def build_cache(cache: Path, root: Path, class_names: list[str], n_per_class: li
     space.write_shard(hashes, X)
     layout = "split" if any(splits) else ("flat" if unlabelled else "folder")
     idx = DatasetIndex(
-        root=str(root), layout=layout, path=paths, label=[""] * n if unlabelled else labels, split=list(splits),
+        root=str(root), layout=layout, path=rels, label=[""] * n if unlabelled else labels, split=list(splits),
         hash=hashes, size=[1] * n, mtime_ns=[0] * n, status=["ok"] * n,
         extractions={space_id: {"backbone": backbone, "finished_at": time.time()}},
     )

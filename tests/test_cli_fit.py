@@ -106,6 +106,7 @@ def test_report_renders_metrics_confusion_and_gallery(tmp_path, env):
     html = open(out["paths"]["html"]).read()
     assert "confusion" in html and "balanced_accuracy" in html and "data:image/png;base64," in html
     assert out["paths"]["gallery"] > 0 and html.count("data:image/jpeg;base64,") == out["paths"]["gallery"]
+    assert "(image missing)" not in html  # root-relative index paths resolve from any working directory
     assert all(open(png, "rb").read(4) == b"\x89PNG" for png in out["paths"]["pngs"])
 
 

@@ -230,3 +230,41 @@ def test_cli_finetune_predict_and_errors(env, tmp_path, capsys):
         assert cli.main(["finetune", *common, *argv, "--out", str(tmp_path / "x")]) == 1
         err = capsys.readouterr().err
         assert text in err and err.strip().count("\n") == 0, err
+
+
+def test_kill9_mid_training_then_resume_equals_uninterrupted(env, tmp_path):
+    """A real SIGKILL of the CLI during epoch 2, then `finetune --resume RUN`: same weights as a clean run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    common = ["finetune", "--data", str(env["data"]), "--backbone", "tiny", "--cache", str(env["cache"]),
+              "--workers", "0", "--epochs", "3", "--max-steps", "2", "--batch-size", "4", "--val-fraction", "0.25",
+              "--precision", "fp32", "--lr", "1e-2"]
+    e = {"FEATURIZE_HOME": os.environ["FEATURIZE_HOME"]}
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    run_cli(*common, "--out", clean, env=e, check=0)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *common, "--out", str(killed)],
+                            env={**os.environ, **e}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = killed / "featurize_run.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill as soon as epoch 1 is checkpointed
+        try:
+            if json.loads(meta.read_text()).get("epochs_done", 0) >= 1:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("training finished before it could be killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(meta.read_text())["epochs_done"] < 3
+    p = run_cli("finetune", "--resume", killed, "--json", env=e, check=0)
+    assert last_json(p)["epochs_done"] == 3
+    a, b = _state(clean), _state(killed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
