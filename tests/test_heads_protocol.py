@@ -89,13 +89,16 @@ def test_load_labelled_from_real_cache(tmp_path):
 
 @pytest.mark.parametrize("kind,match", [
     ("empty", "cache .* is empty; run `extract DATA` first"),
+    ("missing", "cache folder .* does not exist; check --cache"),
     ("unlabelled", "have no labels .*<class>"),
     ("one_class", "only one class .*at least 2 class folders"),
     ("single_image", "class 'y' has a single image .*add at least one more"),
 ])
 def test_bad_input_is_one_user_error(tmp_path, kind, match):
     c, d = tmp_path / "c", tmp_path / "d"
-    if kind == "unlabelled":
+    if kind == "empty":
+        c.mkdir()
+    elif kind == "unlabelled":
         build_cache(c, d, ["x"], [6], unlabelled=True)
     elif kind == "one_class":
         build_cache(c, d, ["x"], [6])
