@@ -18,9 +18,10 @@ import io
 import time
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from featurize.images import MAX_PIXELS, ImageError, Preprocess, decode_bytes
+from featurize.images import MAX_PIXELS, ImageError, Preprocess, decode_bytes, read_bytes
+from featurize.pipeline import ImageReader
 
 
 def _plain_jpeg(data: bytes) -> bool:
@@ -36,25 +37,13 @@ def _plain_jpeg(data: bytes) -> bool:
         return False
 
 
-class BytesOrCrop(Dataset):
+class BytesOrCrop(ImageReader):
     """Workers: plain JPEGs come back as raw bytes, everything else as a decoded uint8 crop."""
-
-    def __init__(self, paths: list[str], preprocess: Preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, i: int):
         t = time.perf_counter()
         try:
-            try:
-                with open(self.paths[i], "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                raise ImageError("file not found (broken symlink?)") from None
-            except OSError as e:
-                raise ImageError(f"unreadable ({e.strerror or e})") from None
+            data = read_bytes(self.paths[i])
             if _plain_jpeg(data):
                 return i, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), "", time.perf_counter() - t
             return i, "crop", self.preprocess(decode_bytes(data)), "", time.perf_counter() - t

@@ -86,16 +86,20 @@ def decode_bytes(data: bytes) -> torch.Tensor:
         raise _reason(e, "cannot decode") from None
 
 
-def read_image(path: str) -> torch.Tensor:
-    """Read and decode one file; raises ``ImageError`` with the reason on any failure."""
+def read_bytes(path: str) -> bytes:
+    """Read a file's bytes; raises ``ImageError`` (missing, broken symlink, unreadable)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
         raise ImageError("file not found (broken symlink?)") from None
     except OSError as e:
         raise ImageError(f"unreadable ({e.strerror or e})") from None
-    return decode_bytes(data)
+
+
+def read_image(path: str) -> torch.Tensor:
+    """Read and decode one file; raises ``ImageError`` with the reason on any failure."""
+    return decode_bytes(read_bytes(path))
 
 
 @dataclass(frozen=True)
