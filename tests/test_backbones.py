@@ -68,7 +68,9 @@ def test_missing_torchvision_weights_offline_names_the_file(tmp_path, dataset):
     p = run_cli("extract", dataset, "--backbone", "resnet18", "--cache", tmp_path / "c",
                 env={"TORCH_HOME": str(tmp_path / "th")})
     assert p.returncode == 1
-    last = p.stderr.strip().splitlines()[-1]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr  # torch hub's own "Downloading: ..." line is kept out
+    last = lines[-1]
     assert last.startswith("Error: ") and "resnet18-f37072fd.pth" in last and str(tmp_path / "th") in last
 
 

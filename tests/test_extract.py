@@ -39,6 +39,16 @@ def test_first_run_embeds_everything_and_rerun_nothing(dataset, cache):
     assert idx.classes == ["cat", "dog"] and space.info()["dim"] == 16
 
 
+def test_duplicate_files_are_embedded_once_and_counted_apart(dataset, cache):
+    import shutil as sh
+
+    sh.copy(dataset / "cat" / "0.jpg", dataset / "dog" / "copy-of-cat0.jpg")
+    s = extract(dataset, cache, **FAST)
+    assert (s["ok"], s["embedded"], s["duplicates"], s["cached"]) == (9, 8, 1, 0)
+    vecs, _, _ = features(cache, dataset)
+    np.testing.assert_array_equal(vecs["dog/copy-of-cat0.jpg"], vecs["cat/0.jpg"])
+
+
 def test_new_edited_renamed_and_deleted_files(dataset, cache):
     extract(dataset, cache, **FAST)
     before, _, _ = features(cache, dataset)
