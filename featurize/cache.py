@@ -58,6 +58,19 @@ def content_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def hash_files(paths: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Content-hash files; returns ``({path: hash}, [(path, reason)])`` for the unreadable ones."""
+    hashes, errors = {}, []
+    for p in paths:
+        try:
+            hashes[p] = content_hash(p)
+        except FileNotFoundError:
+            errors.append((p, "file not found (broken symlink?)"))
+        except OSError as e:
+            errors.append((p, f"unreadable ({e.strerror or e})"))
+    return hashes, errors
+
+
 def bytes_hash(data: bytes) -> str:
     """Return the same digest as :func:`content_hash` for bytes already in memory."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -238,6 +251,14 @@ class FeatureSpace:
             first.sort()
             hashes, emb = hashes[first], emb[first]
         return hashes, emb
+
+    def vectors_for(self, hashes: dict[str, str]) -> dict[str, np.ndarray]:
+        """Map ``{path: content hash}`` to ``{path: vector}`` for the hashes this space has."""
+        if not hashes or not self.exists():
+            return {}
+        got_h, got_e = self.load(only={h.encode() for h in hashes.values()})
+        row = {h: i for i, h in enumerate(got_h.tolist())}
+        return {p: got_e[row[h.encode()]] for p, h in hashes.items() if h.encode() in row}
 
     def known_hashes(self) -> set[bytes]:
         """Return the set of content hashes (bytes) that already have a vector."""

@@ -143,7 +143,7 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         ex = None
         todo = _plan(fc.FeatureSpace(cache_dir, sid), sc.root, sc.entries, hashes, statuses) if sid else None
         if todo is None or todo:  # unknown request, or work to do: build the model (imports torch)
-            from featurize.pipeline import Timer, build_extractor, default_workers, run_pipeline, tune_allocator
+            from featurize.pipeline import build_extractor, default_workers, run_pipeline, tune_allocator
 
             tune_allocator()
             t = time.perf_counter()
@@ -164,11 +164,8 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         failed: dict[str, str] = {}
         written, interrupted = 0, False
         if todo:
-            timer = Timer()
             written, interrupted = run_pipeline(ex, todo, batch_size, default_workers() if workers is None else workers,
-                                                timer, progress, lambda h, reason: failed.__setitem__(h, reason))
-            for k in ("load_model", "decode", "model", "write"):
-                seconds[k] += timer.seconds[k]
+                                                seconds, progress, failed.__setitem__)
             known = space.known_hashes()
             for i, h in enumerate(hashes):
                 if h in failed:
@@ -245,23 +242,11 @@ def embed_paths(paths: list[str], space_id: str, cache_dir=None, batch_size: int
     cache_dir = fc.default_cache_dir() if cache_dir is None else cache_dir
     space = fc.FeatureSpace(cache_dir, space_id)
     info = space.info()
-    errors: list[tuple[str, str]] = []
-    hashes: dict[str, str] = {}
-    for p in paths:
-        try:
-            hashes[p] = fc.content_hash(p)
-        except FileNotFoundError:
-            errors.append((p, "file not found (broken symlink?)"))
-        except OSError as e:
-            errors.append((p, f"unreadable ({e.strerror or e})"))
-    known = space.known_hashes()
-    todo, seen = [], set()
-    for p, h in hashes.items():
-        if h.encode() not in known and h not in seen:
-            seen.add(h)
-            todo.append((h, p))
+    hashes, errors = fc.hash_files(paths)
+    found = space.vectors_for(hashes)
+    todo = list({h: p for p, h in hashes.items() if p not in found}.items())  # one file per new hash
     if todo:
-        from featurize.pipeline import Timer, build_extractor, default_workers, run_pipeline, tune_allocator
+        from featurize.pipeline import build_extractor, default_workers, run_pipeline, tune_allocator
 
         tune_allocator()
         build = info.get("build", {})
@@ -271,15 +256,10 @@ def embed_paths(paths: list[str], space_id: str, cache_dir=None, batch_size: int
             raise UserError(f"the weights of {info['backbone']} changed since space {space_id} was extracted "
                             f"(now {ex.space.space_id}); re-run `extract` and `fit`")
         failed: dict[str, str] = {}
-        run_pipeline(ex, todo, batch_size, default_workers() if workers is None else workers, Timer(), False,
-                      lambda h, reason: failed.__setitem__(h, reason))
-        for p, h in list(hashes.items()):
-            if h in failed:
-                errors.append((p, failed[h]))
-                del hashes[p]
-    want = {h.encode() for h in hashes.values()}
-    got_h, got_e = space.load(only=want)
-    row = {h: i for i, h in enumerate(got_h.tolist())}
-    ok_paths = [p for p in paths if p in hashes and hashes[p].encode() in row]
-    X = got_e[[row[hashes[p].encode()] for p in ok_paths]] if ok_paths else np.empty((0, info["dim"]), np.float32)
+        run_pipeline(ex, todo, batch_size, default_workers() if workers is None else workers, {}, False,
+                     failed.__setitem__)
+        errors += [(p, failed[h]) for p, h in hashes.items() if h in failed]
+        found.update(space.vectors_for({p: h for p, h in hashes.items() if p not in found and h not in failed}))
+    ok_paths = [p for p in paths if p in found]
+    X = np.stack([found[p] for p in ok_paths]) if ok_paths else np.empty((0, info["dim"]), np.float32)
     return X, ok_paths, errors

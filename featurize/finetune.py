@@ -42,7 +42,7 @@ from featurize import cache as fc
 from featurize.backbones import RUN_META, Backbone, get_backbone, resolve_device, resolve_precision
 from featurize.errors import UserError
 from featurize.images import ImageError, read_image
-from featurize.pipeline import default_workers, reader, tune_allocator
+from featurize.pipeline import default_workers, reader, tune_allocator, worker_init
 
 SPLIT_FILE = "split.json"
 
@@ -173,19 +173,12 @@ def _collate_train(items):
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
-def _worker_init(_):
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-
-
 def _train_loader(plan: DataPlan, bb: Backbone, cfg: FinetuneConfig, epoch: int, workers: int):
     ds = TrainImages(plan.root, plan.train, bb.preprocess.train_transform(), cfg.seed)
     ds.epoch = epoch
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
     return DataLoader(ds, batch_size=cfg.batch_size, sampler=order, num_workers=workers, collate_fn=_collate_train,
-                      worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None)
+                      worker_init_fn=worker_init if workers else None, prefetch_factor=4 if workers else None)
 
 
 # --------------------------------------------------------------------------- model

@@ -105,10 +105,10 @@ def device_decode_batch(items, preprocess: Preprocess, device: torch.device):
 
 def device_reader(paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, device: torch.device):
     """Like ``featurize.extract.reader`` but JPEG decoding and resizing run on ``device``."""
-    from featurize.pipeline import _worker_init
+    from featurize.pipeline import worker_init
 
     loader = DataLoader(BytesOrCrop(paths, preprocess), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, worker_init_fn=_worker_init if workers else None,
+                        collate_fn=_collate, worker_init_fn=worker_init if workers else None,
                         prefetch_factor=4 if workers else None)
     for items in loader:
         yield device_decode_batch(items, preprocess, device)

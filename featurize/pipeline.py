@@ -82,7 +82,8 @@ def _collate(items):
     }
 
 
-def _worker_init(_):
+def worker_init(_):
+    """DataLoader worker setup shared by extraction, GPU decoding and fine-tuning."""
     # Ctrl-C goes to the whole process group; only the main process handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
@@ -92,7 +93,7 @@ def reader(paths: list[str], preprocess: Preprocess, batch_size: int, workers: i
     """Yield batches ``{index, images (uint8 NCHW), errors [(i, reason)], decode_s}`` in order."""
     loader = DataLoader(
         ImageReader(paths, preprocess), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None, pin_memory=pin,
+        worker_init_fn=worker_init if workers else None, pin_memory=pin,
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )
     yield from loader
@@ -131,15 +132,13 @@ def build_extractor(cache_dir, backbone: str, weights: str | None = None, device
     return Extractor(bb, eng, dev, prec, space, build)
 
 
-@dataclass
-class Timer:
-    seconds: dict = field(default_factory=lambda: {"scan": 0.0, "hash": 0.0, "load_model": 0.0, "decode": 0.0,
-                                                   "model": 0.0, "write": 0.0})
-
-
-def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, workers: int, timer: Timer,
+def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, workers: int, seconds: dict,
                   progress: bool, on_error) -> tuple[int, bool]:
-    """Embed ``todo`` [(hash, abspath)] into the space; return (rows written, interrupted)."""
+    """Embed ``todo`` [(hash, abspath)] into the space; return (rows written, interrupted).
+
+    Adds the load_model/decode/model/write seconds into ``seconds`` (updated in place) and
+    calls ``on_error(hash, reason)`` for each file that cannot be decoded.
+    """
     writer = fc.ShardWriter(ex.space)
     bar = None
     if progress and todo:
@@ -151,7 +150,7 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
     if todo and hasattr(ex.engine, "engine"):  # a LazyEngine: build it now, outside the model timing
         t = time.perf_counter()
         _ = ex.engine.engine  # the property builds it
-        timer.seconds["load_model"] += time.perf_counter() - t
+        seconds["load_model"] = seconds.get("load_model", 0.0) + time.perf_counter() - t
     try:
         from featurize.gpu import device_reader, gpu_decode_available
 
@@ -161,13 +160,13 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
             batches = reader([p for _, p in todo], ex.backbone.preprocess, batch_size, workers,
                              pin=ex.device.type == "cuda")
         for b in batches:
-            timer.seconds["decode"] += b["decode_s"]
+            seconds["decode"] = seconds.get("decode", 0.0) + b["decode_s"]
             for i, reason in b["errors"]:
                 on_error(todo[i][0], reason)
             if b["images"] is not None:
                 t = time.perf_counter()
                 emb = ex.engine(b["images"])
-                timer.seconds["model"] += time.perf_counter() - t
+                seconds["model"] = seconds.get("model", 0.0) + time.perf_counter() - t
                 writer.add([todo[i][0] for i in b["index"]], emb)
             if bar:
                 bar.update(len(b["index"]) + len(b["errors"]))
@@ -175,7 +174,7 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
         interrupted = True
     finally:
         writer.flush()  # what was embedded is kept, even on Ctrl-C
-        timer.seconds["write"] += writer.seconds
+        seconds["write"] = seconds.get("write", 0.0) + writer.seconds
         if bar:
             bar.close()
     return writer.rows_written, interrupted

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from featurize.cache import FeatureSpace, content_hash
+from featurize.cache import FeatureSpace, hash_files
 from featurize.errors import UserError
 
 Embed = Callable[[list], tuple]  # paths -> (X, ok_paths, [(path, reason)])
@@ -24,18 +24,8 @@ def cached_vectors(cache_dir, space_id: str, paths: list[str]):
 
     Returns ``(found {path: vector}, missing [paths], errors [(path, reason)])``.
     """
-    hashes, errors = {}, []
-    for p in paths:
-        try:
-            hashes[p] = content_hash(p)
-        except OSError as e:
-            errors.append((p, f"unreadable ({e.strerror or e})"))
-    space = FeatureSpace(cache_dir, space_id)
-    found = {}
-    if space.exists() and hashes:
-        got_h, got_e = space.load(only={h.encode() for h in hashes.values()})
-        row = {h: i for i, h in enumerate(got_h.tolist())}
-        found = {p: got_e[row[h.encode()]] for p, h in hashes.items() if h.encode() in row}
+    hashes, errors = hash_files(paths)
+    found = FeatureSpace(cache_dir, space_id).vectors_for(hashes)
     missing = [p for p in hashes if p not in found]
     return found, missing, errors
 
