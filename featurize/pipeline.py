@@ -159,17 +159,35 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
         else:
             batches = reader([p for _, p in todo], ex.backbone.preprocess, batch_size, workers,
                              pin=ex.device.type == "cuda")
-        for b in batches:
-            seconds["decode"] = seconds.get("decode", 0.0) + b["decode_s"]
-            for i, reason in b["errors"]:
-                on_error(todo[i][0], reason)
-            if b["images"] is not None:
+        feeding = [0.0]  # seconds the engine's map spent waiting for decoded batches
+
+        def fed():
+            it = iter(batches)
+            while True:
                 t = time.perf_counter()
-                emb = ex.engine(b["images"])
-                seconds["model"] = seconds.get("model", 0.0) + time.perf_counter() - t
-                writer.add([todo[i][0] for i in b["index"]], emb)
+                b = next(it, None)
+                feeding[0] += time.perf_counter() - t
+                if b is None:
+                    return
+                seconds["decode"] = seconds.get("decode", 0.0) + b["decode_s"]
+                for i, reason in b["errors"]:
+                    on_error(todo[i][0], reason)
+                if bar and b["errors"]:
+                    bar.update(len(b["errors"]))
+                if b["images"] is not None:
+                    yield b["index"], b["images"]
+
+        results = ex.engine.map(fed())
+        while True:
+            t, f0 = time.perf_counter(), feeding[0]
+            item = next(results, None)
+            seconds["model"] = seconds.get("model", 0.0) + (time.perf_counter() - t) - (feeding[0] - f0)
+            if item is None:
+                break
+            index, emb = item
+            writer.add([todo[i][0] for i in index], emb)
             if bar:
-                bar.update(len(b["index"]) + len(b["errors"]))
+                bar.update(len(index))
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -129,3 +129,26 @@ def test_openvino_engine_on_tiny_model_matches_torch(tmp_path):
     np.testing.assert_allclose(eng(x), ref, rtol=1e-3, atol=1e-4)
     meta = json.loads((tmp_path / "engines" / "t-openvino" / "meta.json").read_text())
     assert meta["backbone"] == "tiny"
+
+
+def test_openvino_map_keeps_order_with_batches_in_flight(tmp_path):
+    """Several batches run at once (one per stream); results must come back in input order,
+    each equal to running that batch alone, whatever the batch sizes (an empty one included)."""
+    from featurize.backbones import get_backbone
+
+    bb = get_backbone("tiny")
+    eng = engines.make_engine(bb, torch.device("cpu"), "fp32", "openvino", cache_dir=tmp_path, space_id="t")
+    eng.in_flight, eng.requests = 3, [eng.compiled.create_infer_request() for _ in range(3)]  # > 1 on any CPU
+    x = engines._test_pattern(bb.preprocess.crop, 12)
+    sizes = [5, 1, 0, 3, 2, 1]
+    batches, start = [], 0
+    for k, n in enumerate(sizes):
+        batches.append((f"b{k}", x[start:start + n]))
+        start += n
+    got = list(eng.map(iter(batches)))
+    assert [tag for tag, _ in got] == [tag for tag, _ in batches]
+    ref = engines.TorchEngine(bb, torch.device("cpu"), "fp32")
+    for (tag, emb), (_, images) in zip(got, batches):
+        assert emb.shape == (len(images), bb.dim)
+        if len(images):
+            np.testing.assert_allclose(emb, ref(images), rtol=1e-3, atol=1e-4)
