@@ -148,7 +148,7 @@ def test_openvino_map_keeps_order_with_batches_in_flight(tmp_path):
     got = list(eng.map(iter(batches)))
     assert [tag for tag, _ in got] == [tag for tag, _ in batches]
     ref = engines.TorchEngine(bb, torch.device("cpu"), "fp32")
-    for (tag, emb), (_, images) in zip(got, batches):
+    for (_, emb), (_, images) in zip(got, batches):
         assert emb.shape == (len(images), bb.dim)
         if len(images):
             np.testing.assert_allclose(emb, ref(images), rtol=1e-3, atol=1e-4)
