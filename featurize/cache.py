@@ -221,11 +221,30 @@ class FeatureSpace:
         except UserError:
             raise
         except Exception as e:  # h5py raises OSError/KeyError/ValueError for damaged files
+            self._forget_verified(path)
             raise _damaged(path, e, "its images will be re-embedded") from None
-        crc = zlib.crc32(emb.tobytes(), zlib.crc32(hashes.tobytes()))
+        crc = zlib.crc32(np.ascontiguousarray(emb), zlib.crc32(np.ascontiguousarray(hashes)))
         if crc != expected or len(hashes) != n or emb.shape[0] != n:
+            self._forget_verified(path)
             raise _damaged(path, ValueError("checksum mismatch"), "its images will be re-embedded")
         return hashes, emb
+
+    # Shards already checked whole by an extract: {name: [size, mtime_ns]}. Shards are
+    # immutable, so a re-run with nothing new need not read every vector again (30 MB for
+    # 6k images); every full read (``load``) still checks the CRC and forgets a bad shard here.
+    def _verified_path(self) -> Path:
+        return self.folder / "verified.json"
+
+    def _read_verified(self) -> dict:
+        try:
+            return json.loads(self._verified_path().read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _forget_verified(self, path: Path) -> None:
+        seen = self._read_verified()
+        if seen.pop(path.name, None) is not None:
+            _atomic_text(self._verified_path(), json.dumps(seen))
 
     def load(self, only: set[bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(hashes, emb)``: unique content hashes (S32) and their float32 rows.
@@ -281,7 +300,7 @@ class FeatureSpace:
 
         def fill(f: h5py.File) -> None:
             f.attrs.update(kind="shard", schema_version=SCHEMA_VERSION, space_id=self.space_id, n_rows=len(hashes))
-            f.attrs["crc32"] = zlib.crc32(emb.tobytes(), zlib.crc32(hashes.tobytes()))
+            f.attrs["crc32"] = zlib.crc32(emb, zlib.crc32(hashes))  # both contiguous: no copies
             f.create_dataset("hash", data=hashes)
             f.create_dataset("emb", data=emb)  # contiguous: shards are written once, read whole
 
@@ -291,33 +310,109 @@ class FeatureSpace:
         return path
 
     def quarantine_damaged(self) -> list[Path]:
-        """Rename unreadable shards to ``*.damaged`` so their images are re-embedded; return them."""
-        moved = []
+        """Rename unreadable shards to ``*.damaged`` so their images are re-embedded; return them.
+
+        A shard checked before (same name, size and mtime) is not read again.
+        """
+        seen, ok, moved = self._read_verified(), {}, []
         for p in self.shard_paths():
             try:
-                self._read_shard(p)
-            except UserError:
-                target = p.with_suffix(".damaged")
-                os.replace(p, target)
-                moved.append(target)
+                st = p.stat()
+            except FileNotFoundError:  # merged away by a concurrent compaction
+                continue
+            sig = [st.st_size, st.st_mtime_ns]
+            if seen.get(p.name) != sig:
+                try:
+                    self._stream_rows(p, lambda rows, start: None)
+                except UserError:
+                    target = p.with_suffix(".damaged")
+                    os.replace(p, target)
+                    moved.append(target)
+                    continue
+            ok[p.name] = sig
+        if ok != seen:
+            _atomic_text(self._verified_path(), json.dumps(ok))
         return moved
+
+    _CHUNK_ROWS = 8192  # rows read at a time when a shard is checked or merged (40 MB at D=1280)
+
+    def _stream_rows(self, path: Path, sink) -> np.ndarray:
+        """Check a shard's CRC reading ``_CHUNK_ROWS`` rows at a time; ``sink(rows, start)`` sees each chunk.
+
+        Returns its hash column. Raises ``UserError`` (damaged) on a bad file or checksum;
+        memory stays at one chunk whatever the shard's size.
+        """
+        try:
+            with h5py.File(path, "r") as f:
+                _check_schema(f, path, "shard")
+                hashes, emb = f["hash"][()], f["emb"]
+                expected, n = int(f.attrs["crc32"]), int(f.attrs["n_rows"])
+                if len(hashes) != n or emb.shape[0] != n:
+                    raise ValueError("row counts disagree")
+                crc = zlib.crc32(np.ascontiguousarray(hashes))
+                for start in range(0, n, self._CHUNK_ROWS):
+                    rows = np.ascontiguousarray(emb[start:start + self._CHUNK_ROWS])
+                    crc = zlib.crc32(rows, crc)
+                    sink(rows, start)
+        except UserError:
+            raise
+        except Exception as e:  # h5py raises OSError/KeyError/ValueError for damaged files
+            self._forget_verified(path)
+            raise _damaged(path, e, "its images will be re-embedded") from None
+        if crc != expected:
+            self._forget_verified(path)
+            raise _damaged(path, ValueError("checksum mismatch"), "its images will be re-embedded")
+        return hashes
 
     def compact(self, max_shards: int = 1) -> bool:
         """Merge all shards into one when there are more than ``max_shards``; return True if merged.
 
-        Crash-safe: the merged shard is renamed into place before the old ones are deleted,
-        and a crash in between only leaves duplicates, which :meth:`load` drops.
+        Streams: reads the hash columns first (first copy of a hash wins, as in :meth:`load`),
+        then copies rows a chunk at a time, checking each source's CRC on the way, so memory
+        does not grow with the number of rows. Crash-safe: the merged shard is renamed into
+        place before the old ones are deleted, and a crash in between only leaves duplicates,
+        which :meth:`load` drops.
         """
         paths = self.shard_paths()
         if len(paths) <= max_shards:
             return False
-        hashes, emb = self.load()
-        self.write_shard(hashes, emb, tag="-merged")
+        seen: set[bytes] = set()
+        keeps, kept_hashes = [], []
+        for p in paths:
+            try:
+                with h5py.File(p, "r") as f:
+                    h = f["hash"][()]
+            except Exception as e:
+                raise _damaged(p, e, "its images will be re-embedded") from None
+            keep = np.fromiter((x not in seen and not seen.add(x) for x in h.tolist()), bool, len(h))
+            keeps.append(keep)
+            kept_hashes.append(h[keep])
+        hashes = np.concatenate(kept_hashes).astype(HASH_DTYPE)
+        dim = int(self.info()["dim"])
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**9:09d}-merged.h5"
+
+        def fill(f: h5py.File) -> None:
+            f.attrs.update(kind="shard", schema_version=SCHEMA_VERSION, space_id=self.space_id, n_rows=len(hashes))
+            f.create_dataset("hash", data=hashes)
+            out = f.create_dataset("emb", shape=(len(hashes), dim), dtype=np.float32)
+            crc, row = zlib.crc32(hashes), 0
+            for p, keep in zip(paths, keeps):
+                def sink(rows, start, keep=keep):
+                    nonlocal crc, row
+                    kept = np.ascontiguousarray(rows[keep[start:start + len(rows)]], dtype=np.float32)
+                    out[row:row + len(kept)] = kept
+                    crc = zlib.crc32(kept, crc)
+                    row += len(kept)
+
+                self._stream_rows(p, sink)
+            f.attrs["crc32"] = crc
+
+        _atomic_h5(self.folder / name, fill, "shard")
+        fault_point("shard_written")
         fault_point("compact_merged")
         for p in paths:
             p.unlink(missing_ok=True)
         return True
-
 
 class ShardWriter:
     """Buffers rows and writes a shard every ``max_rows`` rows or ``max_seconds`` seconds.

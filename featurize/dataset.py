@@ -50,11 +50,14 @@ def _walk(root: str):
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # os.walk's dirpath is root + sep + relative part: slicing is 10x cheaper than relpath
+        rel = dirpath[len(root):].lstrip(os.sep).replace(os.sep, "/")
+        prefix = rel + "/" if rel else ""
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             if is_image_name(name):
-                found.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+                found.append(prefix + name)
             else:
                 ignored += 1
     return found, ignored

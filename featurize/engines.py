@@ -241,7 +241,7 @@ class OpenVINOEngine(Engine):
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         """uint8 (N, 3, H, W) -> float32 (N, D) numpy (one batch, one stream)."""
-        return next(self.map([(None, images)]))[1]
+        return list(self.map([(None, images)]))[0][1]
 
     def map(self, batches):
         """Keep up to ``in_flight`` batches running (one per stream); yield results in order."""
@@ -256,20 +256,25 @@ class OpenVINOEngine(Engine):
             free.append(req)
             return tag, out
 
-        for tag, images in batches:
-            x = np.ascontiguousarray(images.numpy() if isinstance(images, torch.Tensor) else images, dtype=np.uint8)
-            if len(x) == 0:  # nothing to run: keep the order by finishing what runs first
-                while running:
+        try:
+            for tag, images in batches:
+                x = np.ascontiguousarray(images.numpy() if isinstance(images, torch.Tensor) else images,
+                                         dtype=np.uint8)
+                if len(x) == 0:  # nothing to run: keep the order by finishing what runs first
+                    while running:
+                        yield finish()
+                    yield tag, np.empty((0, self.backbone.dim), np.float32)
+                    continue
+                if not free:
                     yield finish()
-                yield tag, np.empty((0, self.backbone.dim), np.float32)
-                continue
-            if not free:
+                req = free.popleft()
+                req.start_async({0: x}, share_inputs=True)
+                running.append((tag, req, x))
+            while running:
                 yield finish()
-            req = free.popleft()
-            req.start_async({0: x}, share_inputs=True)
-            running.append((tag, req, x))
-        while running:
-            yield finish()
+        finally:  # abandoned (Ctrl-C, an error downstream): leave no request busy for the next map
+            for _, req, _ in running:
+                req.wait()
 
 
 class EngineMismatch(UserError):

@@ -82,10 +82,21 @@ def _collate(items):
     }
 
 
+def _quiet_hangups(exc_type, exc, tb, _default=sys.excepthook):
+    # A worker hands each decoded batch to the main process by passing a file descriptor
+    # (multiprocessing's resource sharer thread). If Ctrl-C stops the main process mid
+    # hand-over, that thread sees the connection drop and would print a traceback under the
+    # one-line "Interrupted" message; the batch is re-decoded on resume, nothing is lost.
+    if issubclass(exc_type, (EOFError, ConnectionError)):
+        return
+    _default(exc_type, exc, tb)
+
+
 def worker_init(_):
     """DataLoader worker setup shared by extraction, GPU decoding and fine-tuning."""
     # Ctrl-C goes to the whole process group; only the main process handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = _quiet_hangups
     torch.set_num_threads(1)
 
 
@@ -147,6 +158,7 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
         bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, file=sys.stderr,
                    disable=None)  # None: only on a terminal, logs stay clean
     interrupted = False
+    results = batches = None
     if todo and hasattr(ex.engine, "engine"):  # a LazyEngine: build it now, outside the model timing
         t = time.perf_counter()
         _ = ex.engine.engine  # the property builds it
@@ -191,6 +203,11 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        # Shut the decode workers down now, in order (engine map, then reader): left to the
+        # garbage collector they die at interpreter exit, mid-transfer, printing tracebacks.
+        for gen in (results, batches):
+            if hasattr(gen, "close"):
+                gen.close()
         writer.flush()  # what was embedded is kept, even on Ctrl-C
         seconds["write"] = seconds.get("write", 0.0) + writer.seconds
         if bar:
