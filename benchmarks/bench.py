@@ -545,13 +545,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="extract,classifier,cachehit,rss",
                    help="comma list of sections: extract, classifier, cachehit, rss, knobs")
-    p.add_argument("--n", type=int, default=400, help="flowers images for the Lite0 extraction race")
-    p.add_argument("--n-resnet", type=int, default=200, help="flowers images for the ResNet-50 race")
+    p.add_argument("--n", type=int, default=1000, help="flowers images for the Lite0 extraction race")
+    p.add_argument("--n-resnet", type=int, default=300, help="flowers images for the ResNet-50 race")
     p.add_argument("--skip-resnet", action="store_true")
     p.add_argument("--engines", default="torch,openvino")
     p.add_argument("--full", action="store_true", help="run the tutorial recipe's full 25 epochs")
     p.add_argument("--tutorial-epochs", type=int, default=2, help="quick mode's epochs (default 2)")
-    p.add_argument("--rss-n", default="1000,5000", help="image counts for the RSS section")
+    p.add_argument("--rss-n", default="1000,5000,50000", help="image counts for the RSS section")
     p.add_argument("--knobs", default="1:2:32,2:2:32,2:1:32,2:2:64,1:1:32",
                    help="workers:threads:batch triples for the knobs section")
     p.add_argument("--work", default="/tmp/featurize-bench", help="scratch folder (subsets, caches)")

@@ -44,22 +44,38 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: str):
-    """Yield relative paths of candidate image files (sorted, hidden skipped) and count others."""
+def _walk(root: str) -> tuple[list[tuple[str, os.DirEntry]], int]:
+    """Return ``[(relative path, DirEntry)]`` of candidate image files and the count of others.
+
+    Sorted, hidden files and folders skipped, symlinks followed, unreadable folders skipped
+    (as ``os.walk`` does). ``os.scandir`` entries let ``scan`` stat relative to the open folder.
+    """
+    found: list[tuple[str, os.DirEntry]] = []
     ignored = 0
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        # os.walk's dirpath is root + sep + relative part: slicing is 10x cheaper than relpath
-        rel = dirpath[len(root):].lstrip(os.sep).replace(os.sep, "/")
-        prefix = rel + "/" if rel else ""
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            if is_image_name(name):
-                found.append(prefix + name)
+
+    def visit(folder: str, prefix: str) -> None:
+        nonlocal ignored
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:
+            return
+        dirs = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                dirs.append(e)
+            elif is_image_name(e.name):
+                found.append((prefix + e.name, e))
             else:
                 ignored += 1
+        for d in dirs:
+            visit(d.path, prefix + d.name + "/")
+
+    visit(root, "")
     return found, ignored
 
 
@@ -77,19 +93,19 @@ def scan(root: str | os.PathLike) -> Scan:
     if not files:
         raise UserError(f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
                         "put images in <folder>/<class>/ or directly in the folder")
-    parts = [f.split("/") for f in files]
+    parts = [f.split("/") for f, _ in files]
     tops = {p[0] for p in parts if len(p) > 1}
     is_split = bool(tops) and all(t.lower() in SPLIT_NAMES for t in tops)
     layout = "split" if is_split else ("folder" if tops else "flat")
     entries = []
-    for rel, p in zip(files, parts):
+    for (rel, dirent), p in zip(files, parts):
         if is_split:
             split = SPLIT_NAMES[p[0].lower()] if len(p) > 1 else ""
             label = p[1] if len(p) > 2 else ""
         else:
             split, label = "", (p[0] if len(p) > 1 else "")
         try:
-            st = os.stat(os.path.join(root, rel))
+            st = dirent.stat()  # follows symlinks, like os.stat
             entries.append(Entry(rel, label, split, st.st_size, st.st_mtime_ns))
         except FileNotFoundError:
             entries.append(Entry(rel, label, split, -1, -1, error="broken symlink"))
@@ -107,7 +123,7 @@ def list_images(paths: list[str]) -> list[str]:
     for p in paths:
         if os.path.isdir(p):
             files, _ = _walk(p)
-            out.extend(str(Path(p) / f) for f in files)
+            out.extend(str(Path(p) / f) for f, _ in files)
         elif os.path.exists(p) or os.path.islink(p):
             out.append(p)
         else:

@@ -59,9 +59,8 @@ def cpu_cores() -> int:
 def default_engine_threads() -> int:
     """Inference threads for the CPU engine: all cores (the decode workers share them).
 
-    On the shared 2-core benchmark machine 1 vs 2 engine threads (with 2 decode workers)
-    measured within noise of each other (33-56 img/s either way, benchmarks/RESULTS.md), so
-    the engine keeps every core; the OS interleaves it with the workers.
+    OpenVINO's throughput mode splits them into streams (2 x 1 thread on 2 cores); the
+    knob sweep in benchmarks/RESULTS.md found no better split of the 2 cores here.
     """
     return cpu_cores()
 

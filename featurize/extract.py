@@ -159,7 +159,10 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
             mtime_ns=[e.mtime_ns for e in sc.entries], status=statuses,
             extractions=dict(old.extractions) if old else {},
         )
-        fc.write_index(ipath, index)  # a killed run still leaves an index that names every file
+        unchanged = old is not None and all(getattr(old, k) == getattr(index, k) for k in fc.INDEX_FIELDS) \
+            and (old.root, old.layout) == (index.root, index.layout)
+        if not unchanged:  # a killed run still leaves an index that names every file
+            fc.write_index(ipath, index)
 
         failed: dict[str, str] = {}
         written, interrupted = 0, False
