@@ -407,11 +407,16 @@ class FeatureSpace:
                 self._stream_rows(p, sink)
             f.attrs["crc32"] = crc
 
-        _atomic_h5(self.folder / name, fill, "shard")
+        merged = self.folder / name
+        _atomic_h5(merged, fill, "shard")
         fault_point("shard_written")
         fault_point("compact_merged")
         for p in paths:
             p.unlink(missing_ok=True)
+        # Its CRC was computed from rows checked on the way in: the next extract need not re-read it.
+        st = merged.stat()
+        seen = {k: v for k, v in self._read_verified().items() if (self.folder / k).exists()}
+        _atomic_text(self._verified_path(), json.dumps({**seen, merged.name: [st.st_size, st.st_mtime_ns]}))
         return True
 
 class ShardWriter:
