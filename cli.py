@@ -369,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(e)}))
         return 1
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
+    except KeyboardInterrupt as e:  # featurize.errors.Interrupted carries what was saved
+        print(str(e) or "Interrupted.", file=sys.stderr)
         return 130
     if getattr(args, "json", False):
         print(json.dumps(result, default=str))

@@ -27,11 +27,14 @@ index (``extractions``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -126,6 +129,48 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
+@contextlib.contextmanager
+def _no_telemetry():
+    """Convert without OpenVINO's usage telemetry.
+
+    ``ov.convert_model`` reports usage to Intel from a child process unless the user opted out
+    (``opt_in_out --opt_out``). featurize converts on the user's behalf, so it does not report:
+    offline it only waits on the network, and a Ctrl-C printed the child's traceback. Swaps in
+    OpenVINO's own no-op stub for the duration; if those modules move, conversion runs as is.
+    """
+    try:
+        from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
+    except ImportError:
+        yield
+        return
+    saved = convert_impl.tm, telemetry_utils.tm
+    convert_impl.tm = telemetry_utils.tm = telemetry_stub
+    try:
+        yield
+    finally:
+        convert_impl.tm, telemetry_utils.tm = saved
+
+
+@contextlib.contextmanager
+def _hold_ctrl_c():
+    """Hold Ctrl-C until the block ends (a few seconds of conversion), then raise it.
+
+    Interrupted inside OpenVINO's converter (C++ behind pybind11) the process can abort
+    ("terminate called after throwing ...") instead of stopping cleanly.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 class OpenVINOEngine(Engine):
     """OpenVINO on CPU, uint8 input with normalisation folded in, bf16 where the CPU has it."""
 
@@ -213,7 +258,8 @@ class OpenVINOEngine(Engine):
         pp = self.backbone.preprocess
         model = self.backbone.model.to(memory_format=torch.contiguous_format)
         example = pp.normalize(_test_pattern(pp.crop, 1))
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), _no_telemetry(), \
+                _hold_ctrl_c():
             warnings.simplefilter("ignore")  # tracer deprecation chatter
             om = ov.convert_model(model, example_input=example)
         om.reshape({om.inputs[0]: ov.PartialShape([-1, 3, pp.crop, pp.crop])})

@@ -8,3 +8,7 @@ is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem the user can fix; the message names the problem and the fix."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after the work done so far was saved; the message says what was kept and how to resume."""

@@ -21,7 +21,7 @@ import numpy as np
 from featurize import __version__
 from featurize import cache as fc
 from featurize.dataset import scan
-from featurize.errors import UserError
+from featurize.errors import Interrupted, UserError
 
 
 def _hash_entries(root: str, scan_entries, old: fc.DatasetIndex | None) -> tuple[list[str], list[str], int]:
@@ -193,6 +193,7 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
     ok_hashes = [h for h, s in zip(hashes, statuses) if s == fc.STATUS_OK]
     duplicates = len(ok_hashes) - len(set(ok_hashes))  # files with the bytes of another file
     wall = time.perf_counter() - t_start
+    pipeline_s = wall - seconds["scan"] - seconds["hash"] - seconds["load_model"]
     summary = {
         "dataset": sc.root, "layout": sc.layout, "backbone": run.get("backbone"), "space_id": sid,
         "dim": run.get("dim") or space.info()["dim"], "device": run.get("device"), "precision": run.get("precision"),
@@ -203,13 +204,13 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         "ok": n_ok, "failed": n_err, "pending": sum(s == fc.STATUS_PENDING for s in statuses),
         "errors": [{"path": p, "reason": r} for p, r in index.errors()][:50],
         "seconds": {k: round(v, 3) for k, v in seconds.items()}, "wall_seconds": round(wall, 3),
-        "images_per_second": round(written / seconds["model"], 1) if written and seconds["model"] else None,
+        # end to end: decode + model + write, i.e. the wall time after the model was ready
+        "images_per_second": round(written / pipeline_s, 1) if written and pipeline_s > 0 else None,
         "index_file": str(ipath), "features_dir": str(space.folder), "interrupted": interrupted,
     }
     if interrupted:
-        print(f"Interrupted: {written} images embedded and saved, {summary['pending']} still pending; "
-              "re-run the same command to resume.", file=sys.stderr)
-        raise KeyboardInterrupt
+        raise Interrupted(f"Interrupted: {written} images embedded and saved, {summary['pending']} still pending; "
+                          "re-run the same command to resume.")
     return summary
 
 
@@ -220,7 +221,9 @@ def format_summary(s: dict) -> str:
         f"{s['dataset']}: {s['images']} images ({s['layout']} layout, {s['classes']} classes) -> "
         f"{s['ok']} ok, {s['failed']} failed, {s['ignored_files']} non-image files ignored",
         f"backbone {s['backbone']} (D={s['dim']}) on {s['device']} {s['precision']} [{s['engine']}]: "
-        f"embedded {s['embedded']}, reused {s['cached']} from cache"
+        f"embedded {s['embedded']}"
+        + (f" ({s['images_per_second']:.1f} img/s end to end)" if s.get("images_per_second") else "")
+        + f", reused {s['cached']} from cache"
         + (f", {s['duplicates']} files duplicate others' bytes" if s.get("duplicates") else ""),
         "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in sec.items()) + f"; wall {s['wall_seconds']:.2f}s",
         f"cache: {s['index_file']} + {s['features_dir']}",

@@ -286,7 +286,9 @@ def test_ctrl_c_saves_work_and_exits_with_one_line(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert lines[0].startswith("Interrupted: ") and "re-run" in lines[0] and "Traceback" not in err
+    said = [ln for ln in lines if ln.startswith("Interrupted")]
+    assert len(said) == 1 and said[0].startswith("Interrupted: ") and "re-run" in said[0], err
+    assert "Traceback" not in err, err
     saved = _shard_rows(features_dir)
     assert 0 < saved < 300
     p = run_cli("extract", data, "--backbone", "tiny", "--precision", "fp32", "--cache", cache, "--json", check=0)
