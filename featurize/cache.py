@@ -211,23 +211,10 @@ class FeatureSpace:
         return sorted(Path(p) for p in glob.glob(str(self.folder / "*.h5")))
 
     def _read_shard(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            with h5py.File(path, "r") as f:
-                _check_schema(f, path, "shard")
-                hashes = f["hash"][()]
-                emb = f["emb"][()]
-                expected = int(f.attrs["crc32"])
-                n = int(f.attrs["n_rows"])
-        except UserError:
-            raise
-        except Exception as e:  # h5py raises OSError/KeyError/ValueError for damaged files
-            self._forget_verified(path)
-            raise _damaged(path, e, "its images will be re-embedded") from None
-        crc = zlib.crc32(np.ascontiguousarray(emb), zlib.crc32(np.ascontiguousarray(hashes)))
-        if crc != expected or len(hashes) != n or emb.shape[0] != n:
-            self._forget_verified(path)
-            raise _damaged(path, ValueError("checksum mismatch"), "its images will be re-embedded")
-        return hashes, emb
+        """Return a shard's ``(hashes, emb)`` after checking its CRC (``UserError`` if damaged)."""
+        got = []
+        hashes = self._stream_rows(path, lambda rows, start: got.append(rows), chunk_rows=None)
+        return hashes, got[0]
 
     # Shards already checked whole by an extract: {name: [size, mtime_ns]}. Shards are
     # immutable, so a re-run with nothing new need not read every vector again (30 MB for
@@ -336,11 +323,12 @@ class FeatureSpace:
 
     _CHUNK_ROWS = 8192  # rows read at a time when a shard is checked or merged (40 MB at D=1280)
 
-    def _stream_rows(self, path: Path, sink) -> np.ndarray:
-        """Check a shard's CRC reading ``_CHUNK_ROWS`` rows at a time; ``sink(rows, start)`` sees each chunk.
+    def _stream_rows(self, path: Path, sink, chunk_rows: int | None = 0) -> np.ndarray:
+        """Check a shard's CRC reading ``chunk_rows`` rows at a time; ``sink(rows, start)`` sees each chunk.
 
-        Returns its hash column. Raises ``UserError`` (damaged) on a bad file or checksum;
-        memory stays at one chunk whatever the shard's size.
+        ``chunk_rows`` 0 means ``_CHUNK_ROWS`` (memory stays at one chunk whatever the shard's
+        size), None the whole shard at once. Returns its hash column. Raises ``UserError``
+        (damaged) on a bad file or checksum.
         """
         try:
             with h5py.File(path, "r") as f:
@@ -350,8 +338,9 @@ class FeatureSpace:
                 if len(hashes) != n or emb.shape[0] != n:
                     raise ValueError("row counts disagree")
                 crc = zlib.crc32(np.ascontiguousarray(hashes))
-                for start in range(0, n, self._CHUNK_ROWS):
-                    rows = np.ascontiguousarray(emb[start:start + self._CHUNK_ROWS])
+                step = max(n, 1) if chunk_rows is None else (chunk_rows or self._CHUNK_ROWS)
+                for start in range(0, n or 1, step):  # an empty shard still yields its (0, D) rows
+                    rows = np.ascontiguousarray(emb[start:start + step])
                     crc = zlib.crc32(rows, crc)
                     sink(rows, start)
         except UserError:
