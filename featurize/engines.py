@@ -6,11 +6,10 @@
 - ``OpenVINOEngine`` is the optimised CPU engine (a dependency on x86-64 and arm64): the
   frozen module is converted once to OpenVINO IR with the normalisation folded in (it takes
   the uint8 batch directly), saved under ``<cache>/engines/<space_id>-openvino/`` and
-  compiled with the bf16 inference hint on CPUs that run bf16 natively. The second run
-  reads the saved IR and OpenVINO's compiled blob from that folder, so it starts in about a
-  second instead of a conversion. It runs in throughput mode: several inference streams,
-  one batch in flight per stream (``map``), so the model never waits for the main process
-  to hand over the next batch or write the last one.
+  compiled with the bf16 inference hint on CPUs that run bf16 natively. Later runs read
+  the saved IR and OpenVINO's compiled blob from that folder instead of converting again.
+  It runs in throughput mode: several inference streams, one batch in flight per stream
+  (``map``), so the model never waits for the main process to hand over the next batch.
 
 Every engine has ``map(batches)``: ``(tag, uint8 batch)`` pairs in, ``(tag, float32 (N, D))``
 out in the same order; the extraction pipeline feeds it. ``engine(batch)`` is the one-batch
