@@ -27,6 +27,7 @@ index (``extractions``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -150,6 +151,20 @@ def _no_telemetry():
         convert_impl.tm, telemetry_utils.tm = saved
 
 
+@functools.cache
+def _openvino_core():
+    """The process's one OpenVINO Core, kept until exit.
+
+    Each Core's CPU plugin installs its own signal stack (sigaltstack) on the thread that loads
+    it and puts the previous one back when the Core is freed. Freed out of order (two engines,
+    the first dropped first), the thread is left on a freed stack and the next Ctrl-C is a
+    segfault instead of KeyboardInterrupt. One Core means one plugin, installed once.
+    """
+    import openvino as ov
+
+    return ov.Core()
+
+
 @contextlib.contextmanager
 def _hold_ctrl_c():
     """Hold Ctrl-C until the block ends (a few seconds of conversion), then raise it.
@@ -177,7 +192,6 @@ class OpenVINOEngine(Engine):
 
     def __init__(self, backbone, precision: str, cache_folder: str | os.PathLike | None = None,
                  threads: int | None = None, check: bool = True):
-        import openvino as ov
 
         if precision not in ("fp32", "bf16"):
             raise UserError(f"--engine openvino runs fp32 or bf16, not {precision}")
@@ -191,7 +205,7 @@ class OpenVINOEngine(Engine):
             model = self._convert()
             self.converted = True
         self.convert_seconds = time.perf_counter() - t
-        core = ov.Core()
+        core = _openvino_core()
         # THROUGHPUT: OpenVINO splits the threads into streams (2 x 1 thread on 2 cores) that
         # each run a whole batch. Streams of one thread never stall at a barrier when a decode
         # worker takes their core, and two batches in flight hide the hand-over between
@@ -220,13 +234,11 @@ class OpenVINOEngine(Engine):
                 "weights_digest": self.backbone.weights_digest, "preprocess": self.backbone.preprocess.config()}
 
     def _load(self):
-        import openvino as ov
-
         xml, meta = self.folder / "model.xml", self.folder / "meta.json"
         try:
             if json.loads(meta.read_text()) != self._meta():
                 return None
-            return ov.Core().read_model(str(xml))
+            return _openvino_core().read_model(str(xml))
         except Exception:  # missing, partial or from another version: convert again
             return None
 

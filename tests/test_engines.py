@@ -171,12 +171,38 @@ def test_conversion_holds_ctrl_c_and_sends_no_telemetry():
     ran_to_end = False
     with pytest.raises(KeyboardInterrupt):
         with engines._hold_ctrl_c():
-            # what Python runs on SIGINT (a real self-signal here crashed pytest after the
-            # OpenVINO tests; real Ctrl-C on the CLI is checked in test_extract)
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            signal.raise_signal(signal.SIGINT)
             ran_to_end = True  # not interrupted in the middle
     assert ran_to_end and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     original = convert_impl.tm
     with engines._no_telemetry():
         assert convert_impl.tm is telemetry_stub
     assert convert_impl.tm is original
+
+
+def test_engines_freed_in_any_order_leave_ctrl_c_working(tmp_path):
+    """Each OpenVINO Core's CPU plugin swaps the thread's signal stack and restores the previous
+    one when freed; two Cores freed first-in-first-out left a freed stack and Ctrl-C segfaulted.
+    Run in a child so a regression fails this test instead of killing pytest."""
+    import subprocess
+    import sys
+
+    script = f"""
+import gc, signal, time, torch
+from featurize import engines
+from featurize.backbones import get_backbone
+bb, x = get_backbone("tiny"), torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+first = engines.OpenVINOEngine(bb, "fp32", {str(tmp_path)!r})
+second = engines.OpenVINOEngine(bb, "fp32", {str(tmp_path)!r})
+first(x), second(x)
+del first; gc.collect()
+del second; gc.collect()
+try:
+    signal.raise_signal(signal.SIGINT)
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt raised")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "KeyboardInterrupt raised" in r.stdout
