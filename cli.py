@@ -76,6 +76,20 @@ def cmd_backbones(args) -> dict:
     return {"backbones": rows}
 
 
+def add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="what the cache holds: datasets, feature spaces, heads, engines, sizes")
+    _common(p)
+    p.set_defaults(func=cmd_cache)
+
+
+def cmd_cache(args) -> dict:
+    from featurize.inventory import describe_cache, format_inventory
+
+    inv = describe_cache(_cache(args))
+    print(format_inventory(inv))
+    return inv
+
+
 # --------------------------------------------------------------------------- heads: fit, compare, predict, report
 # (issue 3) The work happens in heads.commands; these functions only parse and wire. Nothing here
 # imports torch except predict's embedder, and only when an input file is not in the cache yet.
@@ -341,7 +355,7 @@ def cmd_demo(args) -> dict:
 
 # --------------------------------------------------------------------------- main
 
-COMMANDS = [add_extract, add_backbones, add_demo] + HEAD_COMMANDS + FINETUNE_COMMANDS
+COMMANDS = [add_extract, add_backbones, add_cache, add_demo] + HEAD_COMMANDS + FINETUNE_COMMANDS
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,131 @@
+"""What a cache holds: datasets, feature spaces, saved heads, converted engines, and their sizes.
+
+Read-only and torch-free (like cache.py): it reads index attributes, shard shapes and JSON
+sidecars, never the vectors and never a pickled head, so it answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import h5py
+
+from featurize import cache as fc
+from featurize.errors import UserError
+
+
+def _bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _rows(shard: Path) -> int:
+    try:
+        with h5py.File(shard, "r") as f:
+            return int(f["hash"].shape[0])
+    except Exception:  # damaged: `extract` moves it aside; here it is just counted as unreadable
+        return -1
+
+
+def _held_out_accuracy(metrics: dict) -> tuple[str, float] | None:
+    for part in ("test", "val", "cv"):
+        m = metrics.get(part)
+        if m:
+            return part, float(m.get("mean", m).get("accuracy", float("nan")))
+    return None
+
+
+def describe_cache(cache_dir) -> dict:
+    """Return what ``cache_dir`` holds.
+
+    Takes the cache folder. Returns ``{"cache", "bytes", "datasets", "spaces", "heads",
+    "engines"}``: each dataset with its image counts and per-space extraction summaries, each
+    feature space with its backbone, width, vector and shard counts and bytes (and which
+    datasets use it), each saved head with its held-out accuracy, each converted engine.
+    Raises ``UserError`` when the folder is not a featurize cache.
+    """
+    root = Path(cache_dir)
+    if not root.is_dir():
+        raise UserError(f"no cache at {root}; run `extract DATA` first (or pass --cache DIR)")
+    datasets = []
+    for path, idx in fc.list_indexes(root):
+        ok = sum(s == fc.STATUS_OK for s in idx.status)
+        failed = sum(s.startswith("error") for s in idx.status)
+        datasets.append({
+            "index": str(path), "root": idx.root, "layout": idx.layout, "classes": len(idx.classes),
+            "images": len(idx), "ok": ok, "failed": failed, "pending": len(idx) - ok - failed,
+            "updated_at": idx.updated_at, "extractions": idx.extractions, "bytes": _bytes(path),
+        })
+    spaces = []
+    for folder in sorted((root / "features").glob("*/")):
+        space = fc.FeatureSpace(root, folder.name)
+        try:
+            info = space.info()
+        except UserError:
+            info = {}
+        shards = space.shard_paths()
+        rows = [_rows(s) for s in shards]
+        spaces.append({
+            "space_id": folder.name, "backbone": info.get("backbone", "?"), "dim": info.get("dim"),
+            "precision": info.get("precision"), "vectors": sum(r for r in rows if r > 0),
+            "shards": len(shards), "unreadable_shards": sum(r < 0 for r in rows), "bytes": _bytes(folder),
+            "datasets": [d["root"] for d in datasets if folder.name in d["extractions"]],
+        })
+    heads = []
+    for meta_path in sorted((root / "heads").rglob("*.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if "space_id" not in meta or "head" not in meta:
+            continue
+        score = _held_out_accuracy(meta.get("metrics", {}))
+        heads.append({
+            "path": str(meta_path.with_suffix(".joblib")), "head": meta["head"], "dataset": meta.get("dataset"),
+            "backbone": meta.get("backbone"), "space_id": meta["space_id"], "saved_at": meta.get("saved_at"),
+            "scored_on": score[0] if score else None, "accuracy": score[1] if score else None,
+        })
+    engines = [{"path": str(p), "bytes": _bytes(p)} for p in sorted((root / "engines").glob("*/"))]
+    return {"cache": str(root), "bytes": _bytes(root), "datasets": datasets, "spaces": spaces, "heads": heads,
+            "engines": engines}
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_inventory(inv: dict) -> str:
+    """The text the `cache` command prints for :func:`describe_cache`'s result."""
+    out = [f"cache {inv['cache']}: {_size(inv['bytes'])}"]
+    out.append(f"datasets ({len(inv['datasets'])}):")
+    for d in inv["datasets"]:
+        extra = f", {d['failed']} failed" if d["failed"] else ""
+        extra += f", {d['pending']} pending" if d["pending"] else ""
+        out.append(f"  {d['root']}  {d['images']} images ({d['ok']} ok{extra}), {d['classes']} classes, "
+                   f"{d['layout']} layout")
+        for sid, run in sorted(d["extractions"].items()):
+            how = " ".join(str(run[k]) for k in ("engine", "precision", "device") if run.get(k))
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["finished_at"])) if run.get("finished_at") \
+                else "not finished"
+            out.append(f"    {sid}: {run.get('n_ok', '?')} embedded [{how}], {when}")
+    out.append(f"feature spaces ({len(inv['spaces'])}):")
+    for s in inv["spaces"]:
+        bad = f", {s['unreadable_shards']} unreadable" if s["unreadable_shards"] else ""
+        out.append(f"  {s['space_id']}  D={s['dim']}  {s['vectors']} vectors in {s['shards']} shard(s){bad}, "
+                   f"{_size(s['bytes'])}, used by {len(s['datasets'])} dataset(s)")
+    out.append(f"heads ({len(inv['heads'])}):")
+    for h in inv["heads"]:
+        acc = f"accuracy {h['accuracy']:.3f} ({h['scored_on']})" if h["accuracy"] is not None else "no metrics"
+        out.append(f"  {h['path']}  {acc}")
+    out.append(f"converted engines ({len(inv['engines'])}):")
+    for e in inv["engines"]:
+        out.append(f"  {e['path']}  {_size(e['bytes'])}")
+    if not inv["datasets"] and not inv["spaces"]:
+        out.append("nothing cached yet: run `extract DATA` to embed an image folder")
+    return "\n".join(out)

@@ -1,0 +1,58 @@
+"""`cache`: what a cache holds, read from real HDF5 files and head sidecars, without torch."""
+
+import os
+import subprocess
+import sys
+
+from cachebuild import add_space, build_cache
+from conftest import ROOT, last_json, run_cli
+
+
+def test_cache_lists_datasets_spaces_heads_and_sizes(tmp_path):
+    env = {"FEATURIZE_HOME": str(tmp_path / "home")}
+    c, d = tmp_path / "c", tmp_path / "d"
+    build_cache(c, d, ["a", "b"], [7, 5])
+    add_space(c, d, "other", "other-000000000002")
+    fit = last_json(run_cli("fit", "--head", "centroid", "--cache", c, "--json", env=env, check=0))
+    out = last_json(run_cli("cache", "--cache", c, "--json", env=env, check=0))
+
+    [ds] = out["datasets"]
+    assert ds["root"] == str(d) and (ds["images"], ds["ok"], ds["failed"], ds["classes"]) == (12, 12, 0, 2)
+    assert set(ds["extractions"]) == {"tiny-000000000001", "other-000000000002"}
+    spaces = {s["space_id"]: s for s in out["spaces"]}
+    assert {k: (s["dim"], s["vectors"], s["shards"]) for k, s in spaces.items()} == \
+        {"tiny-000000000001": (16, 12, 1), "other-000000000002": (12, 12, 1)}
+    assert all(s["datasets"] == [str(d)] and s["bytes"] > 0 for s in spaces.values())
+    [head] = out["heads"]
+    assert head["path"] == fit["paths"]["model"] and head["space_id"] == fit["space_id"]
+    assert head["scored_on"] == "cv" and head["accuracy"] == fit["metrics"]["cv"]["mean"]["accuracy"]
+    on_disk = sum(p.stat().st_size for p in c.rglob("*") if p.is_file())
+    assert out["bytes"] == on_disk
+
+    # A damaged shard is counted as unreadable, not fatal; its vectors are not counted.
+    [shard] = (c / "features" / "other-000000000002").glob("*.h5")
+    shard.write_bytes(b"not hdf5")
+    p = run_cli("cache", "--cache", c, "--json", env=env, check=0)
+    other = {s["space_id"]: s for s in last_json(p)["spaces"]}["other-000000000002"]
+    assert (other["vectors"], other["unreadable_shards"]) == (0, 1) and "1 unreadable" in p.stdout
+
+
+def test_cache_empty_and_missing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = run_cli("cache", "--cache", tmp_path / "empty", check=0)
+    assert "nothing cached yet" in p.stdout
+    p = run_cli("cache", "--cache", tmp_path / "nope", check=1)
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("Error: no cache at") and "--cache" in p.stderr
+
+
+def test_cache_command_never_imports_torch(tmp_path):
+    build_cache(tmp_path / "c", tmp_path / "d", ["a", "b"], [4, 4])
+    code = (
+        "import sys, cli\n"
+        f"assert cli.main(['cache', '--cache', {str(tmp_path / 'c')!r}]) == 0\n"
+        "bad = [m for m in ('torch', 'torchvision', 'timm', 'sklearn') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "FEATURIZE_HOME": str(tmp_path / "home")}, timeout=120)
+    assert p.returncode == 0, p.stderr
