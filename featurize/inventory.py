@@ -103,6 +103,7 @@ def _size(n: int) -> str:
 def format_inventory(inv: dict) -> str:
     """The text the `cache` command prints for :func:`describe_cache`'s result."""
     out = [f"cache {inv['cache']}: {_size(inv['bytes'])}"]
+    present = {s["space_id"] for s in inv["spaces"]}
     out.append(f"datasets ({len(inv['datasets'])}):")
     for d in inv["datasets"]:
         extra = f", {d['failed']} failed" if d["failed"] else ""
@@ -113,7 +114,8 @@ def format_inventory(inv: dict) -> str:
             how = " ".join(str(run[k]) for k in ("engine", "precision", "device") if run.get(k))
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["finished_at"])) if run.get("finished_at") \
                 else "not finished"
-            out.append(f"    {sid}: {run.get('n_ok', '?')} embedded [{how}], {when}")
+            gone = "" if sid in present else " (its feature space is gone: `extract` re-embeds)"
+            out.append(f"    {sid}: {run.get('n_ok', '?')} embedded [{how}], {when}{gone}")
     out.append(f"feature spaces ({len(inv['spaces'])}):")
     for s in inv["spaces"]:
         bad = f", {s['unreadable_shards']} unreadable" if s["unreadable_shards"] else ""
