@@ -56,3 +56,15 @@ def test_cache_command_never_imports_torch(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "FEATURIZE_HOME": str(tmp_path / "home")}, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_cache_names_an_extraction_whose_space_was_deleted(tmp_path):
+    import shutil
+
+    c, d = tmp_path / "c", tmp_path / "d"
+    build_cache(c, d, ["a", "b"], [4, 4])
+    add_space(c, d, "other", "other-000000000002")
+    shutil.rmtree(c / "features" / "other-000000000002")
+    p = run_cli("cache", "--cache", c, check=0)
+    gone = [line for line in p.stdout.splitlines() if "feature space is gone" in line]
+    assert len(gone) == 1 and "other-000000000002" in gone[0]
