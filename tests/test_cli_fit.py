@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,13 @@ def test_compare_every_head_every_backbone(tmp_path, env):
     with open(out["paths"]["csv"]) as f:
         assert len(list(csv.DictReader(f))) == 4
     assert "fit_s" in p.stdout
+    # compare keeps no heads; the command it prints saves the winner
+    [best] = [line for line in p.stdout.splitlines() if line.startswith("best: ")]
+    argv = shlex.split(best.split("save it with: ", 1)[1])
+    assert argv[:3] == ["python", "cli.py", "fit"]
+    fit = last_json(run_cli(*argv[2:], "--cache", tmp_path / "c", "--json", env=env, check=0))
+    assert (fit["head"], fit["backbone"]) == (rows[0]["head"], rows[0]["backbone"])
+    assert fit["metrics"]["cv"]["mean"]["accuracy"] == rows[0]["accuracy"]
 
 
 def test_predict_files_folders_csv_and_bad_files(split_cache, tmp_path, env):
