@@ -545,6 +545,15 @@ def read_index(path: str | os.PathLike) -> DatasetIndex:
     return idx
 
 
+def read_extractions(path: str | os.PathLike) -> dict:
+    """Return only an index's ``extractions`` attribute ({} if unreadable): cheap at any size."""
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs["extractions"])
+    except Exception:
+        return {}
+
+
 def list_indexes(cache_dir: str | os.PathLike) -> list[tuple[Path, DatasetIndex]]:
     """Return every dataset index in the cache, most recently updated first."""
     out = [(p, read_index(p)) for p in sorted((Path(cache_dir) / "datasets").glob("*.h5"))]

@@ -12,9 +12,11 @@ Each stage is timed and reported in the summary. This module itself imports no t
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -82,9 +84,20 @@ def request_key(backbone: str, weights: str | None, device: str, precision: str)
 
 
 def _known_space(old: fc.DatasetIndex | None, key: dict, cache_dir) -> str | None:
-    for sid, run in (old.extractions.items() if old else []):
-        if run.get("request") == key and fc.FeatureSpace(cache_dir, sid).exists():
-            return sid
+    """The space id a finished run with the same request resolved to: this folder's own runs
+    first, then any other folder's in the cache (a new folder of already-embedded images)."""
+    def newest_first(p: Path) -> float:
+        try:
+            return -p.stat().st_mtime
+        except OSError:  # replaced or removed meanwhile
+            return 0.0
+
+    others = sorted((Path(cache_dir) / "datasets").glob("*.h5"), key=newest_first)
+    runs = itertools.chain([old.extractions] if old else [], map(fc.read_extractions, others))
+    for extractions in runs:
+        for sid, run in extractions.items():
+            if run.get("request") == key and fc.FeatureSpace(cache_dir, sid).exists():
+                return sid
     return None
 
 

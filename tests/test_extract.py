@@ -301,8 +301,8 @@ def test_rerun_with_nothing_new_never_imports_torch(dataset, cache):
             "s = extract(sys.argv[1], sys.argv[2], backbone='tiny', precision='fp32', workers=0, progress=False); "
             "print(s['embedded'], s['ok'], s['space_id'], 'torch' in sys.modules)")
 
-    def run():
-        out = subprocess.run([sys.executable, "-c", code, str(dataset), str(cache)], capture_output=True, text=True,
+    def run(folder=dataset):
+        out = subprocess.run([sys.executable, "-c", code, str(folder), str(cache)], capture_output=True, text=True,
                              cwd=ROOT, check=True).stdout.split()
         return int(out[0]), int(out[1]), out[2], out[3] == "True"
 
@@ -310,5 +310,9 @@ def test_rerun_with_nothing_new_never_imports_torch(dataset, cache):
     assert first[0] == 8 and first[3]  # had work: built the model
     again = run()
     assert again == (0, 8, first[2], False)  # same space, no model, no torch
+    # a new folder holding images another folder already embedded: known from that folder's runs
+    copy = dataset.parent / "copy"
+    shutil.copytree(dataset / "cat", copy / "cat")
+    assert run(copy) == (0, 4, first[2], False)
     make_image(dataset / "cat" / "extra.jpg", seed=4242)
     assert run()[:2] == (1, 9)
