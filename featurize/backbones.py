@@ -282,6 +282,37 @@ def tiny(weights: str | None = None, pretrained: bool = True) -> Backbone:
 # --------------------------------------------------------------------------- timm and runs
 
 
+def _timm_cached_weights(name: str) -> dict | None:
+    """Point timm at weights already in the Hugging Face cache ({"file": path}), else None.
+
+    Offline, timm's hub client retries for about 50 s before it fails, even for cached files;
+    so a cached file is loaded directly, and an uncached one whose hub cannot be reached
+    fails at once (``UserError`` naming the fix).
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None  # a plain URL: torch hub fails fast offline
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    for filename in ("model.safetensors", "pytorch_model.bin"):  # timm loads both weights-only
+        hit = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(hit, str):
+            return {"file": hit}
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise UserError(f"cannot download timm weights for {name}: {host} is unreachable (offline?); pass "
+                        f"--weights PATH (a .safetensors/.pth state dict), or fetch {repo} into the Hugging Face cache "
+                        f"({constants.HF_HUB_CACHE}) while online") from None
+    return None
+
+
 def _timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
     import timm
     from timm.data import resolve_data_config
@@ -289,8 +320,12 @@ def _timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
         raise UserError(f"timm has no model {name!r}; similar: {', '.join(close) or 'none'}")
+    overlay = _timm_cached_weights(name) if pretrained and not weights else None
     try:
-        model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0)
+        model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0,
+                                  **({"pretrained_cfg_overlay": overlay} if overlay else {}))
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot get timm weights for {name} ({type(e).__name__}: {str(e)[:120]}); "
                         "offline, pass --weights PATH") from None

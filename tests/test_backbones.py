@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +176,48 @@ def test_trashnet_integration(tmp_path):
     assert X.shape == (s["ok"], 1280) and np.isfinite(X).all() and X.std(0).mean() > 0.01
     again = last_json(run_cli("extract", SHARED / "trashnet", "--cache", tmp_path / "c", "--json", check=0))
     assert again["embedded"] == 0 and again["hashed"] == 0
+
+
+def _fake_hf_cache(hub: Path, repo: str, state: dict) -> None:
+    """The Hugging Face cache layout: refs/main names a snapshot holding model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "snapshots" / commit / "model.safetensors"))
+
+
+def test_timm_weights_come_from_the_hf_cache_offline_or_fail_at_once(tmp_path, dataset):
+    """Offline, timm's hub client retried for ~50 s even for cached files: cached weights are
+    loaded directly, and uncached ones fail at once with the fix (the hub is unreachable here:
+    HF_ENDPOINT points at a closed local port)."""
+    import subprocess
+    import sys
+
+    import timm
+
+    src = timm.create_model("test_vit", pretrained=False)
+    torch.manual_seed(0)
+    for p in src.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    hub = tmp_path / "hub"
+    _fake_hf_cache(hub, "timm/test_vit.r160_in1k", src.state_dict())
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    code = ("import sys, torch; from featurize.backbones import get_backbone\n"
+            "bb = get_backbone('timm:test_vit'); ref = torch.load(sys.argv[1], weights_only=True)\n"
+            "got = bb.model.state_dict(); keys = [k for k in got if k in ref]\n"
+            "print(len(keys), max(float((got[k].float() - ref[k].float()).abs().max()) for k in keys))")
+    torch.save(src.state_dict(), tmp_path / "ref.pt")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ref.pt")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, diff = r.stdout.split()
+    assert int(n) >= 10 and float(diff) == 0.0  # every backbone tensor is the cached one
+
+    p = run_cli("extract", dataset, "--backbone", "timm:test_efficientnet", "--cache", tmp_path / "c",
+                env={"HF_HUB_CACHE": str(hub), "HF_ENDPOINT": "http://127.0.0.1:9"}, check=1)
+    assert p.stderr.count("\n") == 1 and "Retrying" not in p.stderr, p.stderr
+    assert "127.0.0.1 is unreachable" in p.stderr and "--weights PATH" in p.stderr and str(hub) in p.stderr
