@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"Error: {e}", file=sys.stderr)
         if getattr(args, "json", False):
-            print(json.dumps({"error": str(e)}))
+            print(json.dumps({"error": str(e), **e.details}, default=str))
         return 1
     except KeyboardInterrupt as e:  # featurize.errors.Interrupted carries what was saved
         print(str(e) or "Interrupted.", file=sys.stderr)

@@ -133,16 +133,18 @@ def run_predict(cache_dir, inputs, head="logreg", model=None, data=None, backbon
     sid = meta["space_id"]
     rows, bad = predict_files(estimator, meta, files, cache_dir,
                               embed=(lambda paths: embed(sid, paths)) if embed else None, top_k=top_k)
+    n_inputs = len(files) + len(errors)  # files found + paths that do not exist
     errors += bad
     for p, reason in errors:
         print(f"skipped {p}: {reason}", file=sys.stderr)
+    skipped = [{"path": p, "reason": r} for p, r in errors]
     if rows:
         print(json.dumps(rows, indent=1) if fmt == "json" else format_rows(rows, fmt))
     if not rows:
-        raise UserError(f"none of the {len(files) + len(errors)} inputs could be classified (see the skipped lines); "
-                        "pass readable image files")
+        raise UserError(f"none of the {n_inputs} inputs could be classified (see the skipped lines); "
+                        "pass readable image files", details={"errors": skipped})
     return {"model": str(path), "head": meta.get("head"), "space_id": sid, "backbone": meta.get("backbone"),
-            "predictions": rows, "errors": [{"path": p, "reason": r} for p, r in errors],
+            "predictions": rows, "errors": skipped,
             "timings": {"total_s": round(time.perf_counter() - t0, 3)}}
 
 

@@ -91,6 +91,13 @@ def test_predict_files_folders_csv_and_bad_files(split_cache, tmp_path, env):
     assert {e["path"].rsplit("/", 1)[-1] for e in out["errors"]} == {"broken.png", "missing.jpg"}
     assert "skipped" in p.stderr and "broken.png" in p.stderr
 
+    # nothing classifiable: the count is of the inputs given, and --json keeps the skipped list
+    p = run_cli("predict", broken, tmp_path / "missing.jpg", "--head", "centroid", "--cache", split_cache, "--json",
+                env=env, check=1)
+    assert p.stderr.splitlines()[-1].startswith("Error: none of the 2 inputs could be classified")
+    out = last_json(p)
+    assert out["error"].startswith("none of the 2 inputs") and len(out["errors"]) == 2
+
 
 def test_predict_refuses_other_backbone_and_foreign_files(split_cache, tmp_path, env):
     out = last_json(run_cli("fit", "--head", "knn", "--cache", split_cache, "--json", env=env, check=0))
