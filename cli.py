@@ -255,6 +255,21 @@ def _probe_for(args, cache, index_path, space_id, X, paths, labels, plan) -> dic
     return out
 
 
+def _space_with_probe(cache, index_path, index):
+    """The latest extraction that has a fitted logreg probe: after `extract --backbone runs/ft-001/`
+    the newest space is the fine-tuned one, which has no probe yet."""
+    from pathlib import Path
+
+    from featurize.cache import FeatureSpace
+    from heads.protocol import head_path
+
+    runs = sorted(index.extractions.items(), key=lambda kv: kv[1].get("finished_at", 0), reverse=True)
+    for sid, _ in runs:
+        if Path(head_path(cache, index_path, sid, "logreg")).is_file():
+            return FeatureSpace(Path(cache), sid)
+    return None
+
+
 def cmd_finetune(args) -> dict:
     from featurize import finetune as ft
 
@@ -267,6 +282,8 @@ def cmd_finetune(args) -> dict:
         cache = _cache(args)
         ipath, index = find_index(cache, args.data)
         space = resolve_space(cache, index, args.backbone)
+        if args.backbone is None and args.init == "probe" and not args.probe:
+            space = _space_with_probe(cache, ipath, index) or space
         X, labels, splits, paths = load_features(cache, index, space)
         cfg = ft.FinetuneConfig(
             epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,

@@ -198,6 +198,21 @@ def test_run_folder_is_a_backbone_and_predicts(env):
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
 
 
+def test_finetune_default_backbone_is_the_latest_with_a_probe(env, tmp_path):
+    """After `extract --backbone runs/ft-NNN/` the newest space has no probe; a plain `finetune`
+    starts from the latest extraction that has one instead of failing."""
+    run, _ = _run(env, "newest", epochs=1)
+    s = extract(env["data"], env["cache"], backbone=str(run), precision="fp32", workers=0, progress=False)
+    _, index = find_index(env["cache"], env["data"])
+    assert resolve_space(env["cache"], index).space_id == s["space_id"]  # the newest: no probe there
+    out = tmp_path / "ft-default"
+    run_cli("finetune", "--data", env["data"], "--cache", env["cache"], "--workers", "0", "--epochs", "1",
+            "--max-steps", "1", "--batch-size", "4", "--val-fraction", "0.25", "--precision", "fp32", "--out", out,
+            env={"FEATURIZE_HOME": os.environ["FEATURIZE_HOME"]}, check=0)
+    meta = json.loads((out / "featurize_run.json").read_text())
+    assert meta["base_space_id"] == env["space"].space_id
+
+
 def test_cli_finetune_predict_and_errors(env, tmp_path, capsys):
     """Real subprocess runs for finetune and predict --model RUN; one-line errors with exit code 1."""
     import sys
