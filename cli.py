@@ -108,7 +108,7 @@ def add_fit(sub) -> None:
     p.add_argument("--class-weight", choices=["none", "balanced"], default="none", help="balanced: weight classes "
                    "inversely to their frequency and choose hyper-parameters by balanced accuracy")
     p.add_argument("--out", default=None, help="head file (default: <cache>/heads/<dataset>/<space>/<head>.joblib)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fixes the CV folds and the stochastic heads")
     p.add_argument("--folds", type=int, default=5, help="outer CV folds when the data has no train/test split")
     p.add_argument("--n-jobs", type=int, default=None, help="parallel hyper-parameter fits (default 1)")
     _common(p)
@@ -130,7 +130,7 @@ def add_compare(sub) -> None:
     p.add_argument("--backbones", default=None, help="comma-separated backbones or space ids (default: all cached)")
     p.add_argument("--class-weight", choices=["none", "balanced"], default="none")
     p.add_argument("--out", default=None, help="path stem for .csv/.json (default: <cache>/reports/compare-<dataset>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fixes the CV folds and the stochastic heads")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--n-jobs", type=int, default=None)
     _common(p)
@@ -151,11 +151,11 @@ def add_predict(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     _head_args(p)
     p.add_argument("--model", default=None, help="a head file written by `fit` (instead of --head/--data)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="labels listed per image, most probable first")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="stdout format")
     p.add_argument("--trust", action="store_true", help="load a head file this tool did not write (runs pickle code)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call when a file is not cached")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps, for files not cached yet")
     _common(p)
     p.set_defaults(func=cmd_predict)
 
@@ -211,16 +211,16 @@ def add_finetune(sub) -> None:
                    help="probe: LP-FT (default); random: plain fine-tuning from a random head, for comparison")
     p.add_argument("--unfreeze", default="all", help="all, or last:N to train only the last N blocks")
     p.add_argument("--train-bn", action="store_true", help="update BatchNorm statistics (frozen by default)")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training images")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (warm-up, then cosine decay)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per optimiser step")
     p.add_argument("--patience", type=int, default=3, help="early stopping: epochs without a better val score")
     p.add_argument("--val-fraction", type=float, default=0.15, help="stratified hold-out when there is no val split")
     p.add_argument("--max-train", type=int, default=None, help="train on a stratified subset of this many images")
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps per epoch (smoke tests)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fixes the hold-out split, augmentation and order")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps")
     p.add_argument("--precision", default="auto", help="auto (the extraction's) |fp32|bf16|fp16")
     p.add_argument("--workers", type=int, default=None, help="image decode workers")
@@ -375,11 +375,20 @@ def cmd_demo(args) -> dict:
 COMMANDS = [add_extract, add_backbones, add_cache, add_demo] + HEAD_COMMANDS + FINETUNE_COMMANDS
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" unless X is None/False or the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Sub-command parsers show each option's default in --help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
 

@@ -68,3 +68,17 @@ def test_cache_names_an_extraction_whose_space_was_deleted(tmp_path):
     p = run_cli("cache", "--cache", c, check=0)
     gone = [line for line in p.stdout.splitlines() if "feature space is gone" in line]
     assert len(gone) == 1 and "other-000000000002" in gone[0]
+
+
+def test_help_shows_real_defaults_once():
+    sys.path.insert(0, str(ROOT))
+    import cli
+
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if a.dest == "command").choices
+    assert {"extract", "cache", "fit", "compare", "predict", "report", "finetune", "demo"} <= set(subs)
+    for name, sub in subs.items():
+        text = " ".join(sub.format_help().split())
+        assert "(default: None)" not in text and ") (default:" not in text, name
+    ft = " ".join(subs["finetune"].format_help().split())
+    assert "(default: 5)" in ft and "(default: 0.0001)" in ft and "(default: runs/ft-NNN)" in ft
