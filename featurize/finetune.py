@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from featurize import cache as fc
 from featurize.backbones import RUN_META, Backbone, get_backbone, resolve_device, resolve_precision
-from featurize.errors import UserError
+from featurize.errors import Interrupted, UserError
 from featurize.images import ImageError, read_image
 from featurize.pipeline import default_workers, reader, tune_allocator, worker_init
 
@@ -609,9 +609,8 @@ def train(out: str | os.PathLike, log=None) -> dict:
                   f"{secs:.0f}s  ETA {_fmt_s(eta)}", file=log, flush=True)
             _checkpoint(out, meta, model, opt, epoch, improved)
     except KeyboardInterrupt:
-        print(f"interrupted; epoch {meta['epochs_done']} is saved: resume with `finetune --resume {out}`",
-              file=log, flush=True)
-        raise
+        raise Interrupted(f"Interrupted: epoch {meta['epochs_done']} is saved; resume with "
+                          f"`finetune --resume {out}`") from None
 
     best = meta["best"]
     if plan.test:  # score the kept model on the test split once, at the end

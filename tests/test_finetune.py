@@ -247,8 +247,10 @@ def test_cli_finetune_predict_and_errors(env, tmp_path, capsys):
         assert text in err and err.strip().count("\n") == 0, err
 
 
-def test_kill9_mid_training_then_resume_equals_uninterrupted(env, tmp_path):
-    """A real SIGKILL of the CLI during epoch 2, then `finetune --resume RUN`: same weights as a clean run."""
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_kill9_mid_training_then_resume_equals_uninterrupted(env, tmp_path, sig):
+    """A real SIGKILL (or Ctrl-C) of the CLI during epoch 2, then `finetune --resume RUN`: same
+    weights as a clean run. Ctrl-C exits 130 with one line saying how to resume."""
     import signal
     import subprocess
     import sys
@@ -262,8 +264,9 @@ def test_kill9_mid_training_then_resume_equals_uninterrupted(env, tmp_path):
     e = {"FEATURIZE_HOME": os.environ["FEATURIZE_HOME"]}
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     run_cli(*common, "--out", clean, env=e, check=0)
+    err = open(tmp_path / "stderr.txt", "w+")
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *common, "--out", str(killed)],
-                            env={**os.environ, **e}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **e}, stdout=subprocess.DEVNULL, stderr=err)
     meta = killed / "featurize_run.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # kill as soon as epoch 1 is checkpointed
@@ -275,9 +278,14 @@ def test_kill9_mid_training_then_resume_equals_uninterrupted(env, tmp_path):
         time.sleep(0.01)
     if proc.poll() is not None:
         pytest.skip("training finished before it could be killed")
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(getattr(signal, sig))
     proc.wait()
     assert json.loads(meta.read_text())["epochs_done"] < 3
+    if sig == "SIGINT":
+        err.seek(0)
+        said = [line for line in err.read().splitlines() if "nterrupt" in line]
+        assert proc.returncode == 130 and len(said) == 1, said
+        assert said[0].startswith("Interrupted: epoch ") and f"finetune --resume {killed}" in said[0]
     p = run_cli("finetune", "--resume", killed, "--json", env=e, check=0)
     assert last_json(p)["epochs_done"] == 3
     a, b = _state(clean), _state(killed)
