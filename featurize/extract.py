@@ -129,7 +129,8 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
     Returns a JSON-able summary (counts, per-stage seconds, cache paths). Raises
     ``UserError`` for a missing/empty folder, bad options or a concurrent run; per-file
     problems are recorded in the index and counted, never raised. On Ctrl-C the work done
-    is saved and ``KeyboardInterrupt`` propagates after a one-line summary.
+    is saved and ``featurize.errors.Interrupted`` (a ``KeyboardInterrupt``) is raised; its
+    message says what was saved and how to resume (the CLI prints it as one line).
     """
     t_start = time.perf_counter()
     cache_dir = fc.default_cache_dir() if cache_dir is None else cache_dir
