@@ -158,10 +158,14 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         todo = _plan(fc.FeatureSpace(cache_dir, sid), sc.root, sc.entries, hashes, statuses) if sid else None
         if todo is None or todo:  # unknown request, or work to do: build the model (imports torch)
             t = time.perf_counter()  # importing torch is part of loading the model (2-5 s)
-            from featurize.pipeline import build_extractor, default_workers, run_pipeline, tune_allocator
+            try:
+                from featurize.pipeline import build_extractor, default_workers, run_pipeline, tune_allocator
 
-            tune_allocator()
-            ex = build_extractor(cache_dir, backbone, weights, device, precision, engine)
+                tune_allocator()
+                ex = build_extractor(cache_dir, backbone, weights, device, precision, engine)
+            except KeyboardInterrupt:
+                raise Interrupted("Interrupted while loading the model, before any image was embedded; "
+                                  "re-run the same command.") from None
             seconds["load_model"] = time.perf_counter() - t
             if ex.space.space_id != sid:
                 sid = ex.space.space_id

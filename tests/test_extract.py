@@ -316,3 +316,19 @@ def test_rerun_with_nothing_new_never_imports_torch(dataset, cache):
     assert run(copy) == (0, 4, first[2], False)
     make_image(dataset / "cat" / "extra.jpg", seed=4242)
     assert run()[:2] == (1, 9)
+
+
+def test_ctrl_c_while_loading_the_model_says_so(dataset, cache):
+    """Ctrl-C during the 2-5 s of importing torch and building the backbone: one line, exit 130."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", str(dataset), "--backbone", "tiny",
+                             "--cache", str(cache), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and not list((cache / "datasets").glob("*.lock")):
+        time.sleep(0.01)  # the lock is taken before hashing; the model load follows within milliseconds
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "Interrupted while loading the model, before any image was embedded; re-run the same command."], err
+    assert not list((cache / "features").glob("*/*.h5"))
