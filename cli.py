@@ -260,11 +260,10 @@ def _space_with_probe(cache, index_path, index):
     the newest space is the fine-tuned one, which has no probe yet."""
     from pathlib import Path
 
-    from featurize.cache import FeatureSpace
+    from featurize.cache import FeatureSpace, extractions_newest_first
     from heads.protocol import head_path
 
-    runs = sorted(index.extractions.items(), key=lambda kv: kv[1].get("finished_at", 0), reverse=True)
-    for sid, _ in runs:
+    for sid, _ in extractions_newest_first(index):
         if Path(head_path(cache, index_path, sid, "logreg")).is_file():
             return FeatureSpace(Path(cache), sid)
     return None

@@ -576,12 +576,17 @@ def find_index(cache_dir: str | os.PathLike, data: str | os.PathLike | None = No
     return found[0]
 
 
+def extractions_newest_first(index: DatasetIndex) -> list[tuple[str, dict]]:
+    """``[(space_id, run summary)]`` of an index's finished extractions, the latest first."""
+    return sorted(index.extractions.items(), key=lambda kv: kv[1].get("finished_at", 0), reverse=True)
+
+
 def resolve_space(cache_dir: str | os.PathLike, index: DatasetIndex, backbone: str | None = None) -> FeatureSpace:
     """Pick the feature space of ``index`` extracted with ``backbone`` (latest run when None).
 
     ``backbone`` may be a backbone name (``efficientnet_lite0``) or a full space id.
     """
-    runs = sorted(index.extractions.items(), key=lambda kv: kv[1].get("finished_at", 0), reverse=True)
+    runs = extractions_newest_first(index)
     if not runs:
         raise UserError(f"{index.root} has no finished extraction in {cache_dir}; run `extract {index.root}`")
     if backbone is None:

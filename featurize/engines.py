@@ -192,7 +192,6 @@ class OpenVINOEngine(Engine):
 
     def __init__(self, backbone, precision: str, cache_folder: str | os.PathLike | None = None,
                  threads: int | None = None, check: bool = True):
-
         if precision not in ("fp32", "bf16"):
             raise UserError(f"--engine openvino runs fp32 or bf16, not {precision}")
         self.backbone, self.precision, self.device = backbone, precision, torch.device("cpu")
