@@ -123,19 +123,31 @@ def load_head(path, expect_space: str | None = None, expect_backbone: str | None
     if not path.is_file():
         raise UserError(f"no head file at {path}; run `fit` first or pass --model PATH")
     digest = file_digest(path)
-    if digest not in _read_trust():
+    trusted = digest in _read_trust()
+    if not trusted:
         if not trust:
             raise UserError(
                 f"refusing to load {path}: its SHA-256 {digest[:16]}... was not recorded by this tool "
                 f"(a file from elsewhere or modified; loading pickles can run code); pass --trust if you trust its source"
             )
-        _trust(digest, path)
+        # A head travels with its sidecar, which names the digest `fit` wrote: a mismatch is a
+        # damaged or altered file, and unpickling a damaged one can exhaust memory.
+        sidecar = path.with_suffix(".json")
+        try:
+            written = json.loads(sidecar.read_text()).get("sha256")
+        except (OSError, ValueError):
+            written = None
+        if written and written != digest:
+            raise UserError(f"refusing to load {path}: it does not match the SHA-256 in {sidecar.name} (damaged or "
+                            "altered after `fit` wrote it); re-run `fit` or get an intact copy")
     try:
         obj = joblib.load(path)
     except Exception as e:
         raise UserError(f"{path} could not be loaded ({type(e).__name__}: {e}); re-run `fit`") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise UserError(f"{path} is not a featurize head file; write one with `fit --out {path}`")
+    if not trusted:
+        _trust(digest, path)  # only once it loaded: a broken file is never remembered as trusted
     meta = obj["meta"]
     if expect_space is not None:
         check_space(meta, expect_space, expect_backbone, path)

@@ -67,3 +67,23 @@ def test_modified_file_is_refused_and_trust_records_it(tmp_path, monkeypatch):
     est2, _ = load_head(path, trust=True)  # explicit trust records the digest
     load_head(path)
     np.testing.assert_allclose(est2.predict_proba(X), est.predict_proba(X))
+
+
+def test_trust_refuses_a_file_its_sidecar_disowns_and_never_records_a_broken_one(tmp_path):
+    """--trust on a damaged head: unpickling it can exhaust memory (one appended byte did), so a
+    digest that differs from the sidecar's is refused; a file that fails to load stays untrusted."""
+    est, _ = _fitted()
+    path = tmp_path / "h.joblib"
+    save_head(path, est, {"space_id": "s", "classes": [0, 1]})
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(UserError, match=r"does not match the SHA-256 in h\.json .*re-run `fit`"):
+        load_head(path, trust=True)
+    assert file_digest(path) not in trust_file().read_text()
+
+    junk = tmp_path / "junk.joblib"  # no sidecar, not a joblib file at all
+    junk.write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="could not be loaded"):
+        load_head(junk, trust=True)
+    assert file_digest(junk) not in trust_file().read_text()
+    with pytest.raises(UserError, match="refusing"):
+        load_head(junk)
