@@ -16,13 +16,21 @@ from pathlib import Path
 from featurize.errors import UserError
 from heads.metrics import format_metrics
 from heads.protocol import evaluate, head_path, load_labelled
-from heads.registry import check_head_name
+from heads.registry import check_head_name, describe_heads
 from heads.store import check_space, load_head, read_meta, save_head
 
 
 def run_fit(cache_dir, head="logreg", data=None, backbone=None, out=None, class_weight=None, seed=0, folds=5,
             n_jobs=None) -> dict:
-    """Fit ``head`` on the cached features of a dataset, print its metrics and save it; returns a summary."""
+    """Fit ``head`` on the cached features of a dataset, print its metrics and save it; returns a summary.
+
+    ``head="list"`` prints the registered heads with their descriptions instead.
+    """
+    if head == "list":
+        heads = describe_heads()
+        for name, text in heads.items():
+            print(f"{name:<12}{text}")
+        return {"heads": heads}
     check_head_name(head)  # a typo fails before any file is read
     t0 = time.perf_counter()
     lf = load_labelled(cache_dir, data, backbone)

@@ -157,3 +157,12 @@ def test_fit_path_never_imports_torch(tmp_path, env):
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env={**__import__("os").environ, **env}, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_fit_head_list_describes_every_head(env):
+    from heads.registry import list_heads
+
+    p = run_cli("fit", "--head", "list", "--json", env=env, check=0)
+    heads = last_json(p)["heads"]
+    assert list(heads) == list_heads() and all(heads.values())
+    assert all(line.split()[0] in heads for line in p.stdout.splitlines()[:-1])
