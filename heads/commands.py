@@ -81,13 +81,16 @@ def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, clas
     print(f"leaderboard for {result['dataset']} ({len(result['rows'])} runs, {result['seconds']:.1f} s)")
     print(format_leaderboard(result))
     print(f"written: {paths['csv']}  {paths['json']}")
-    if result["rows"]:  # compare keeps no heads: say how to save the winner
+    if result["rows"]:  # compare keeps no heads: the last line is the command that saves the winner
         best = result["rows"][0]
         same_name = {r["space_id"] for r in result["rows"] if r["backbone"] == best["backbone"]}
         which = best["backbone"] if len(same_name) == 1 else best["space_id"]
-        print(f"best: {best['head']} on {which}; save it with: "
-              f"python cli.py fit --head {best['head']} --backbone {shlex.quote(which)} "
-              f"--data {shlex.quote(result['dataset'])}")
+        argv = ["python", "cli.py", "fit", "--head", best["head"], "--backbone", which, "--data", result["dataset"],
+                "--cache", str(cache_dir), "--seed", str(seed), "--folds", str(folds)]
+        if class_weight:
+            argv += ["--class-weight", class_weight]
+        print(f"best: {best['head']} on {which}; to save it:")
+        print(" ".join(map(shlex.quote, argv)))
     return {**result, "paths": paths}
 
 

@@ -51,7 +51,8 @@ def test_fit_cv_out_class_weight(tmp_path, env):
 def test_compare_every_head_every_backbone(tmp_path, env):
     build_cache(tmp_path / "c", tmp_path / "d", ["a", "b"], [10, 10])
     add_space(tmp_path / "c", tmp_path / "d", "other", "other-000000000002")
-    p = run_cli("compare", "--heads", "centroid,knn", "--cache", tmp_path / "c", "--json", env=env, check=0)
+    p = run_cli("compare", "--heads", "centroid,knn", "--cache", tmp_path / "c", "--seed", "3", "--folds", "4",
+                "--class-weight", "balanced", "--json", env=env, check=0)
     out = last_json(p)
     rows = out["rows"]
     assert {(r["backbone"], r["head"]) for r in rows} == {(b, h) for b in ("tiny", "other")
@@ -61,13 +62,14 @@ def test_compare_every_head_every_backbone(tmp_path, env):
     with open(out["paths"]["csv"]) as f:
         assert len(list(csv.DictReader(f))) == 4
     assert "fit_s" in p.stdout
-    # compare keeps no heads; the command it prints saves the winner
-    [best] = [line for line in p.stdout.splitlines() if line.startswith("best: ")]
-    argv = shlex.split(best.split("save it with: ", 1)[1])
+    # compare keeps no heads; the command it prints last saves the winner, options included
+    lines = p.stdout.strip().splitlines()  # the JSON object, then the command, then "best: ..."
+    assert lines[-3].startswith("best: ")
+    argv = shlex.split(lines[-2])
     assert argv[:3] == ["python", "cli.py", "fit"]
-    fit = last_json(run_cli(*argv[2:], "--cache", tmp_path / "c", "--json", env=env, check=0))
+    fit = last_json(run_cli(*argv[2:], "--json", env=env, check=0))
     assert (fit["head"], fit["backbone"]) == (rows[0]["head"], rows[0]["backbone"])
-    assert fit["metrics"]["cv"]["mean"]["accuracy"] == rows[0]["accuracy"]
+    assert fit["metrics"]["cv"]["mean"]["accuracy"] == rows[0]["accuracy"] and fit["metrics"]["cv"]["folds"] == 4
 
 
 def test_predict_files_folders_csv_and_bad_files(split_cache, tmp_path, env):
