@@ -45,11 +45,15 @@ def describe_cache(cache_dir) -> dict:
     "engines"}``: each dataset with its image counts and per-space extraction summaries, each
     feature space with its backbone, width, vector and shard counts and bytes (and which
     datasets use it), each saved head with its held-out accuracy, each converted engine.
-    Raises ``UserError`` when the folder is not a featurize cache.
+    Raises ``UserError`` when the folder does not exist or holds something else than a
+    featurize cache (an empty folder is an empty cache).
     """
     root = Path(cache_dir)
     if not root.is_dir():
         raise UserError(f"no cache at {root}; run `extract DATA` first (or pass --cache DIR)")
+    if any(root.iterdir()) and not any((root / d).is_dir() for d in ("datasets", "features", "heads", "engines")):
+        raise UserError(f"{root} is not a featurize cache (no datasets/ or features/ folder); pass --cache DIR "
+                        "with the folder `extract` wrote to")
     datasets = []
     for path, idx in fc.list_indexes(root):
         ok = sum(s == fc.STATUS_OK for s in idx.status)

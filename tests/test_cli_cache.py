@@ -44,6 +44,9 @@ def test_cache_empty_and_missing(tmp_path):
     assert "nothing cached yet" in p.stdout
     p = run_cli("cache", "--cache", tmp_path / "nope", check=1)
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("Error: no cache at") and "--cache" in p.stderr
+    (tmp_path / "photos" / "cat").mkdir(parents=True)  # an image folder given by mistake
+    p = run_cli("cache", "--cache", tmp_path / "photos", check=1)
+    assert p.stderr.count("\n") == 1 and "is not a featurize cache" in p.stderr
 
 
 def test_cache_command_never_imports_torch(tmp_path):
