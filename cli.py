@@ -36,7 +36,7 @@ def add_extract(sub) -> None:
                    help="registered name, timm:<name>, or a fine-tuning run folder (see `backbones`)")
     p.add_argument("--weights", default=None, help="local .pth/.safetensors state dict (offline use)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call")
-    p.add_argument("--workers", type=int, default=None, help="decode workers (None: one per core)")
+    p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: one per core)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps")
     p.add_argument("--precision", default="auto",
                    help="auto (bf16 on CUDA and AMX/AVX512-BF16 CPUs, fp16 on MPS, else fp32) | fp32 | bf16 | fp16")
@@ -110,7 +110,7 @@ def add_fit(sub) -> None:
     p.add_argument("--out", default=None, help="head file (default: <cache>/heads/<dataset>/<space>/<head>.joblib)")
     p.add_argument("--seed", type=int, default=0, help="fixes the CV folds and the stochastic heads")
     p.add_argument("--folds", type=int, default=5, help="outer CV folds when the data has no train/test split")
-    p.add_argument("--n-jobs", type=int, default=None, help="parallel hyper-parameter fits (default 1)")
+    p.add_argument("--n-jobs", type=int, default=None, help="parallel hyper-parameter fits (default: 1)")
     _common(p)
     p.set_defaults(func=cmd_fit)
 
@@ -128,11 +128,11 @@ def add_compare(sub) -> None:
     p.add_argument("--data", default=None, help="dataset folder (default: the latest extracted)")
     p.add_argument("--heads", default=None, help="comma-separated heads (default: all)")
     p.add_argument("--backbones", default=None, help="comma-separated backbones or space ids (default: all cached)")
-    p.add_argument("--class-weight", choices=["none", "balanced"], default="none")
+    p.add_argument("--class-weight", choices=["none", "balanced"], default="none", help="balanced: weight classes inversely to their frequency")
     p.add_argument("--out", default=None, help="path stem for .csv/.json (default: <cache>/reports/compare-<dataset>)")
     p.add_argument("--seed", type=int, default=0, help="fixes the CV folds and the stochastic heads")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--n-jobs", type=int, default=None)
+    p.add_argument("--folds", type=int, default=5, help="outer CV folds when the data has no train/test split")
+    p.add_argument("--n-jobs", type=int, default=None, help="parallel hyper-parameter fits (default: 1)")
     _common(p)
     p.set_defaults(func=cmd_compare)
 
@@ -350,7 +350,7 @@ FINETUNE_COMMANDS = [add_finetune]
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="offline demo: write scikit-learn's digits as PNGs, extract, fit logreg")
     p.add_argument("--out", default="data/digits", help="where to write the digit images")
-    p.add_argument("--head", default="logreg")
+    p.add_argument("--head", default="logreg", help="head fit on the digits after extraction")
     _common(p)
     p.set_defaults(func=cmd_demo)
 
