@@ -47,13 +47,18 @@ def is_image_name(name: str) -> bool:
 def _walk(root: str) -> tuple[list[tuple[str, os.DirEntry]], int]:
     """Return ``[(relative path, DirEntry)]`` of candidate image files and the count of others.
 
-    Sorted, hidden files and folders skipped, symlinks followed, unreadable folders skipped
-    (as ``os.walk`` does). ``os.scandir`` entries let ``scan`` stat relative to the open folder.
+    Sorted, hidden files and folders skipped, symlinks followed except into a folder that is
+    already on the path (a symlink loop would list every image again under a wrong label),
+    unreadable folders skipped (as ``os.walk`` does). ``os.scandir`` entries let ``scan`` stat
+    relative to the open folder.
     """
     found: list[tuple[str, os.DirEntry]] = []
     ignored = 0
 
-    def visit(folder: str, prefix: str) -> None:
+    def key(st: os.stat_result) -> tuple[int, int]:
+        return st.st_dev, st.st_ino
+
+    def visit(folder: str, prefix: str, ancestors: frozenset) -> None:
         nonlocal ignored
         try:
             with os.scandir(folder) as it:
@@ -73,9 +78,14 @@ def _walk(root: str) -> tuple[list[tuple[str, os.DirEntry]], int]:
             else:
                 ignored += 1
         for d in dirs:
-            visit(d.path, prefix + d.name + "/")
+            try:
+                k = key(d.stat())
+            except OSError:
+                continue
+            if k not in ancestors:
+                visit(d.path, prefix + d.name + "/", ancestors | {k})
 
-    visit(root, "")
+    visit(root, "", frozenset({key(os.stat(root))}))
     return found, ignored
 
 

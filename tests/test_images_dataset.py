@@ -116,6 +116,19 @@ def test_scan_records_broken_symlink(tmp_path):
     assert [(e.path, e.error) for e in errs] == [("cat/link.jpg", "broken symlink")]
 
 
+def test_scan_follows_symlinked_folders_but_not_loops(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=2)  # cat/, dog/
+    elsewhere = make_dataset(tmp_path / "elsewhere", classes=("bird",), per_class=2)
+    os.symlink(elsewhere / "bird", root / "bird")  # a class kept elsewhere: followed
+    os.symlink("..", root / "dog" / "up")  # a loop back to the root: would relabel every image "dog"
+    os.symlink(root / "cat", root / "cat" / "self")  # a folder linking to itself
+    s = scan(root)
+    assert sorted(e.path for e in s.entries) == sorted(
+        [f"{c}/{p.name}" for c in ("cat", "dog") for p in (root / c).glob("*.jpg")]
+        + [f"bird/{p.name}" for p in (elsewhere / "bird").glob("*.jpg")])
+    assert {e.label for e in s.entries} == {"bird", "cat", "dog"} and len(s.entries) == 6
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty", "no_images", "file"])
 def test_scan_bad_folders_are_user_errors(tmp_path, kind):
     target = tmp_path / "x"
