@@ -52,6 +52,21 @@ def test_exif_orientation_is_applied(tmp_path, fmt):
     assert img[:, :10, :].float().mean() > 200  # the stripe is now on top
 
 
+def test_jpeg_takes_the_libjpeg_turbo_path_not_pillow(tmp_path, monkeypatch):
+    """torchvision's per-call deprecation warning once sent every JPEG to Pillow (1.6x slower)."""
+    import featurize.images as fi
+
+    data = make_image(tmp_path / "g.jpg", seed=3, size=(64, 48)).read_bytes()
+    expected = fi._pil_decode(data)
+
+    def no_pillow(_):
+        raise AssertionError("a plain JPEG went to Pillow")
+
+    monkeypatch.setattr(fi, "_pil_decode", no_pillow)
+    got = decode_bytes(data)
+    assert got.shape == expected.shape and (got.int() - expected.int()).abs().max() <= 1
+
+
 def test_bad_files_raise_image_error_with_reason(tmp_path):
     good = make_image(tmp_path / "g.jpg", seed=2, size=(64, 64)).read_bytes()
     cases = {
