@@ -210,6 +210,7 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
 
     ok_hashes = [h for h, s in zip(hashes, statuses) if s == fc.STATUS_OK]
     duplicates = len(ok_hashes) - len(set(ok_hashes))  # files with the bytes of another file
+    conflicts, overlaps = _duplicate_problems(index) if duplicates else ([], [])
     wall = time.perf_counter() - t_start
     pipeline_s = wall - seconds["scan"] - seconds["hash"] - seconds["load_model"]
     summary = {
@@ -219,6 +220,7 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         "images": len(sc.entries), "classes": len(index.classes), "ignored_files": sc.ignored,
         "hashed": n_hashed, "embedded": written,
         "cached": n_ok - written - duplicates, "duplicates": duplicates,
+        "label_conflicts": conflicts, "split_overlaps": overlaps,
         "ok": n_ok, "failed": n_err, "pending": sum(s == fc.STATUS_PENDING for s in statuses),
         "errors": [{"path": p, "reason": r} for p, r in index.errors()][:50],
         "seconds": {k: round(v, 3) for k, v in seconds.items()}, "wall_seconds": round(wall, 3),
@@ -232,6 +234,25 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
     return summary
 
 
+def _duplicate_problems(index: fc.DatasetIndex) -> tuple[list[list[str]], list[list[str]]]:
+    """Byte-identical files that disagree: ``(label conflicts, split overlaps)``, each a list of
+    the paths sharing one content hash. Both make held-out metrics dishonest."""
+    groups: dict[str, list[int]] = {}
+    for i, (h, st) in enumerate(zip(index.hash, index.status)):
+        if st == fc.STATUS_OK:
+            groups.setdefault(h, []).append(i)
+    conflicts, overlaps = [], []
+    for rows in groups.values():
+        if len(rows) < 2:
+            continue
+        paths = [index.path[i] for i in rows]
+        if len({index.label[i] for i in rows}) > 1:
+            conflicts.append(paths)
+        if len({index.split[i] for i in rows if index.split[i]}) > 1:
+            overlaps.append(paths)
+    return conflicts, overlaps
+
+
 def format_summary(s: dict) -> str:
     """A short human summary of :func:`extract`'s result."""
     sec = s["seconds"]
@@ -240,12 +261,19 @@ def format_summary(s: dict) -> str:
         f"{s['ok']} ok, {s['failed']} failed, {s['ignored_files']} non-image files ignored",
         f"backbone {s['backbone']} (D={s['dim']}) on {s['device']} {s['precision']} [{s['engine']}]: "
         f"embedded {s['embedded']}"
-        + (f" ({s['images_per_second']:.1f} img/s end to end)" if s.get("images_per_second") else "")
+        + (f" ({s['images_per_second']:.1f} img/s, decode to write)" if s.get("images_per_second") else "")
         + f", reused {s['cached']} from cache"
         + (f", {s['duplicates']} files duplicate others' bytes" if s.get("duplicates") else ""),
         "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in sec.items()) + f"; wall {s['wall_seconds']:.2f}s",
         f"cache: {s['index_file']} + {s['features_dir']}",
     ]
+    conflicts, overlaps = s.get("label_conflicts", []), s.get("split_overlaps", [])
+    if conflicts:
+        lines.append(f"warning: {len(conflicts)} images have the same bytes under different labels, e.g. "
+                     f"{' = '.join(conflicts[0])}; check their labels (see --json)")
+    if overlaps:
+        lines.append(f"warning: {len(overlaps)} images are in more than one split with the same bytes, e.g. "
+                     f"{' = '.join(overlaps[0])}; held-out scores count them as unseen")
     for e in s["errors"][:10]:
         lines.append(f"  skipped {e['path']}: {e['reason']}")
     if s["failed"] > 10:

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, last_json, make_dataset, make_image, run_cli
 from featurize import cache as fc
 from featurize.errors import UserError
-from featurize.extract import extract
+from featurize.extract import extract, format_summary
 
 FAST = dict(backbone="tiny", precision="fp32", workers=0, progress=False, batch_size=4)
 
@@ -47,6 +47,19 @@ def test_duplicate_files_are_embedded_once_and_counted_apart(dataset, cache):
     assert (s["ok"], s["embedded"], s["duplicates"], s["cached"]) == (9, 8, 1, 0)
     vecs, _, _ = features(cache, dataset)
     np.testing.assert_array_equal(vecs["dog/copy-of-cat0.jpg"], vecs["cat/0.jpg"])
+    # the same bytes under two labels is a labelling problem: named in the summary
+    assert s["label_conflicts"] == [["cat/0.jpg", "dog/copy-of-cat0.jpg"]] and s["split_overlaps"] == []
+    assert "warning: 1 images have the same bytes under different labels" in format_summary(s)
+
+
+def test_same_bytes_in_train_and_test_is_reported(tmp_path, cache):
+    import shutil as sh
+
+    root = make_dataset(tmp_path / "d", split=["train", "test"])
+    sh.copy(root / "train" / "cat" / "1.jpg", root / "test" / "cat" / "leak.jpg")
+    s = extract(root, cache, **FAST)
+    assert s["split_overlaps"] == [["test/cat/leak.jpg", "train/cat/1.jpg"]] and s["label_conflicts"] == []
+    assert "1 images are in more than one split" in format_summary(s)
 
 
 def test_new_edited_renamed_and_deleted_files(dataset, cache):
