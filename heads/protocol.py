@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +109,16 @@ def _proba(est, X):
 
 
 def _misclassified(paths, y, pred, proba, classes, part):
-    rows = []
-    for i in np.flatnonzero(pred != y)[:MAX_KEPT_ERRORS]:
-        prob = float(proba[i, classes.index(pred[i])]) if proba is not None else None
-        rows.append({"path": str(paths[i]), "true": str(y[i]), "pred": str(pred[i]), "prob": prob, "part": part})
-    return rows
+    """Misclassified rows (at most MAX_KEPT_ERRORS), taken in turn from each true class, the most
+    confident mistakes first: the report's gallery of the first few then shows every class."""
+    prob = {i: float(proba[i, classes.index(pred[i])]) if proba is not None else None
+            for i in np.flatnonzero(pred != y)}
+    by_class: dict[str, list[int]] = {}
+    for i in sorted(prob, key=lambda i: -(prob[i] or 0.0)):  # stable: path order among equals
+        by_class.setdefault(str(y[i]), []).append(i)
+    order = [i for turn in itertools.zip_longest(*by_class.values()) for i in turn if i is not None]
+    return [{"path": str(paths[i]), "true": str(y[i]), "pred": str(pred[i]), "prob": prob[i], "part": part}
+            for i in order[:MAX_KEPT_ERRORS]]
 
 
 def best_params(est) -> dict:

@@ -141,7 +141,8 @@ def build_report(meta: dict, out_dir, max_errors: int = 60) -> dict:
                      f"pred <b class=bad>{html.escape(e['pred'])}</b>{prob}<br>{html.escape(Path(e['path']).name)}"
                      f"</figcaption></figure>")
     n_err = len(meta.get("errors", []))
-    gallery = (f"<p>{n_err} misclassified held-out images, first {len(cards)} shown.</p><div class=g>{''.join(cards)}</div>"
+    gallery = (f"<p>{n_err} misclassified held-out images; {len(cards)} shown, taken in turn from each true "
+               f"class, the most confident mistakes first.</p><div class=g>{''.join(cards)}</div>"
                if cards else "<p>No misclassified held-out images.</p>")
     t = meta.get("timings", {})
     title = f"featurize head {meta.get('head')} on {Path(str(meta.get('dataset'))).name}"

@@ -107,3 +107,23 @@ def test_bad_input_is_one_user_error(tmp_path, kind, match):
     with pytest.raises(UserError, match=match) as e:
         load_labelled(c)
     assert "\n" not in str(e.value)
+
+
+def test_kept_mistakes_take_turns_across_classes_most_confident_first():
+    """The report shows the first 60 kept mistakes: in path order they were all from the first
+    classes (TrashNet: cardboard and glass only, never trash)."""
+    from heads.protocol import _misclassified
+
+    classes = ["a", "b", "c"]
+    y = np.array(["a"] * 4 + ["b"] * 2 + ["c"] * 2 + ["a"])
+    pred = np.array(["b", "c", "b", "b", "a", "a", "a", "b", "a"])  # the last row is right
+    conf = np.array([0.6, 0.9, 0.7, 0.5, 0.55, 0.8, 0.65, 0.95, 0.99])
+    proba = np.full((len(y), 3), 0.0)
+    for i, p in enumerate(pred):
+        proba[i, classes.index(p)] = conf[i]
+    paths = np.array([f"{t}/{i}.jpg" for i, t in enumerate(y)])
+    rows = _misclassified(paths, y, pred, proba, classes, "test")
+    # classes take turns (in the order of their most confident mistake), each most confident first
+    assert [r["path"] for r in rows] == ["c/7.jpg", "a/1.jpg", "b/5.jpg", "c/6.jpg", "a/2.jpg", "b/4.jpg",
+                                         "a/0.jpg", "a/3.jpg"]
+    assert rows[1]["prob"] == 0.9 and rows[1]["pred"] == "c" and all(r["part"] == "test" for r in rows)
