@@ -566,6 +566,9 @@ def find_index(cache_dir: str | os.PathLike, data: str | os.PathLike | None = No
     if data is not None:
         p = index_path(cache_dir, data)
         if not p.exists():
+            if not os.path.exists(data):  # a typo, most likely (an extracted folder may be gone: its index stays)
+                raise UserError(f"no folder {data}, and no extraction of it in {cache_dir}; check the path "
+                                f"(extracted folders: `cache --cache {cache_dir}`)")
             raise UserError(f"{data} has not been extracted into {cache_dir}; run `extract {data}` first")
         return p, read_index(p)
     if not cache_dir.is_dir():

@@ -93,7 +93,7 @@ def describe_cache(cache_dir) -> dict:
             "scored_on": score[0] if score else None, "accuracy": score[1] if score else None,
         })
     engines = [{"path": str(p), "bytes": _bytes(p)} for p in sorted((root / "engines").glob("*/"))]
-    return {"cache": str(root), "bytes": _bytes(root), "datasets": datasets, "spaces": spaces, "heads": heads,
+    return {"cache": str(root.resolve()), "bytes": _bytes(root), "datasets": datasets, "spaces": spaces, "heads": heads,
             "engines": engines}
 
 

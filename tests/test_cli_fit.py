@@ -168,3 +168,13 @@ def test_fit_head_list_describes_every_head(env):
     heads = last_json(p)["heads"]
     assert list(heads) == list_heads() and all(heads.values())
     assert all(line.split()[0] in heads for line in p.stdout.splitlines()[:-1])
+
+
+def test_fit_on_a_folder_that_does_not_exist_says_so(tmp_path, env):
+    build_cache(tmp_path / "c", tmp_path / "d", ["a", "b"], [6, 6])
+    p = run_cli("fit", "--data", tmp_path / "typo", "--cache", tmp_path / "c", env=env, check=1)
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"Error: no folder {tmp_path / 'typo'}")
+    # a folder deleted after extraction still fits from the cache (its index stays)
+    out = last_json(run_cli("fit", "--head", "centroid", "--data", tmp_path / "d", "--cache", tmp_path / "c",
+                            "--json", env=env, check=0))
+    assert out["metrics"]["cv"]["n"] == 12
