@@ -86,3 +86,15 @@ def test_help_shows_real_defaults_once():
         assert "(default: None)" not in text and not re.search(r"default[^)]*\) \(default:", text), name
     ft = " ".join(subs["finetune"].format_help().split())
     assert "(default: 5)" in ft and "(default: 0.0001)" in ft and "(default: runs/ft-NNN)" in ft
+
+
+def test_cache_scores_heads_by_the_same_rule_as_compare():
+    from featurize.inventory import _held_out_accuracy
+    from heads.protocol import primary
+
+    cv = {"cv": {"mean": {"accuracy": 0.7}, "std": {"accuracy": 0.1}}}
+    val = {"val": {"accuracy": 0.8}}
+    test = {"test": {"accuracy": 0.9}}
+    for metrics in (cv, val, test, {**cv, **val}, {**val, **test}, {**cv, **val, **test}):
+        part, scalars = primary(metrics)
+        assert _held_out_accuracy(metrics) == (part, scalars["accuracy"]), metrics
