@@ -92,8 +92,11 @@ def _known_space(old: fc.DatasetIndex | None, key: dict, cache_dir) -> str | Non
         except OSError:  # replaced or removed meanwhile
             return 0.0
 
-    others = sorted((Path(cache_dir) / "datasets").glob("*.h5"), key=newest_first)
-    runs = itertools.chain([old.extractions] if old else [], map(fc.read_extractions, others))
+    def others():  # only looked at when this folder's own runs do not know the request
+        for p in sorted((Path(cache_dir) / "datasets").glob("*.h5"), key=newest_first):
+            yield fc.read_extractions(p)
+
+    runs = itertools.chain([old.extractions] if old else [], others())
     for extractions in runs:
         for sid, run in extractions.items():
             if run.get("request") == key and fc.FeatureSpace(cache_dir, sid).exists():
@@ -220,7 +223,8 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         "images": len(sc.entries), "classes": len(index.classes), "ignored_files": sc.ignored,
         "hashed": n_hashed, "embedded": written,
         "cached": n_ok - written - duplicates, "duplicates": duplicates,
-        "label_conflicts": conflicts, "split_overlaps": overlaps,
+        "n_label_conflicts": len(conflicts), "label_conflicts": conflicts[:50],
+        "n_split_overlaps": len(overlaps), "split_overlaps": overlaps[:50],
         "ok": n_ok, "failed": n_err, "pending": sum(s == fc.STATUS_PENDING for s in statuses),
         "errors": [{"path": p, "reason": r} for p, r in index.errors()][:50],
         "seconds": {k: round(v, 3) for k, v in seconds.items()}, "wall_seconds": round(wall, 3),
@@ -267,13 +271,12 @@ def format_summary(s: dict) -> str:
         "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in sec.items()) + f"; wall {s['wall_seconds']:.2f}s",
         f"cache: {s['index_file']} + {s['features_dir']}",
     ]
-    conflicts, overlaps = s.get("label_conflicts", []), s.get("split_overlaps", [])
-    if conflicts:
-        lines.append(f"warning: {len(conflicts)} images have the same bytes under different labels, e.g. "
-                     f"{' = '.join(conflicts[0])}; check their labels (see --json)")
-    if overlaps:
-        lines.append(f"warning: {len(overlaps)} images are in more than one split with the same bytes, e.g. "
-                     f"{' = '.join(overlaps[0])}; held-out scores count them as unseen")
+    if s.get("n_label_conflicts"):
+        lines.append(f"warning: {s['n_label_conflicts']} images have the same bytes under different labels, e.g. "
+                     f"{' = '.join(s['label_conflicts'][0])}; check their labels (see --json)")
+    if s.get("n_split_overlaps"):
+        lines.append(f"warning: {s['n_split_overlaps']} images are in more than one split with the same bytes, e.g. "
+                     f"{' = '.join(s['split_overlaps'][0])}; held-out scores count them as unseen")
     for e in s["errors"][:10]:
         lines.append(f"  skipped {e['path']}: {e['reason']}")
     if s["failed"] > 10:
