@@ -1,11 +1,34 @@
 """featurize: extract frozen-backbone embeddings once, train small heads in seconds.
 
-This package root stays free of torch imports so that ``heads`` (numpy, scikit-learn,
-h5py) can read the cache without paying torch's import time. Torch-using modules
-(``backbones``, ``images``, ``extract``, ``finetune``) are imported explicitly.
+The Python API (``featurize.api``; see the README's "Python API")::
+
+    import featurize as fz
+    run = fz.extract("data/", cache="cache/")          # embed a folder once -> Extraction
+    ds = fz.load_features("data/", cache="cache/")     # X, y, paths, classes, splits
+    X = fz.embed(["a.jpg", "b.png"])                    # or PIL images / uint8 arrays
+    fz.Embedder(...)                                    # a scikit-learn transformer
+    fit = fz.fit("data/", head="svm", cache="cache/")  # -> Fit (metrics, head file)
+    fz.load_head(fit.path).predict(["new.jpg"])
+
+This package root stays free of torch (and of scikit-learn): the API's names are imported on
+first use, so ``import featurize`` is fast and ``heads`` can read the cache without torch.
 """
 
 from featurize.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "__version__"]
+
+_API = ("embed", "Embedder", "load_features", "load_head", "fit", "Extraction", "Features", "Fit", "Head")
+__all__ = ["UserError", "__version__", "extract", *_API]
+
+
+def __getattr__(name):
+    if name in _API:
+        from featurize import api
+
+        return getattr(api, name)
+    if name == "extract":  # the submodule, which is callable: featurize.extract(...) is api.extract(...)
+        import featurize.extract as module
+
+        return module
+    raise AttributeError(f"module 'featurize' has no attribute {name!r}")

@@ -16,6 +16,7 @@ import itertools
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -297,24 +298,56 @@ def embed_paths(paths: list[str], space_id: str, cache_dir=None, batch_size: int
     cache_dir = fc.default_cache_dir() if cache_dir is None else cache_dir
     space = fc.FeatureSpace(cache_dir, space_id)
     info = space.info()
-    hashes, errors = fc.hash_files(paths)
-    found = space.vectors_for(hashes)
-    todo = list({h: p for p, h in hashes.items() if p not in found}.items())  # one file per new hash
-    if todo:
-        from featurize.pipeline import build_extractor, default_workers, run_pipeline, tune_allocator
 
-        tune_allocator()
-        build = info.get("build", {})
-        ex = build_extractor(cache_dir, build.get("backbone", info["backbone"]), build.get("weights"), device,
+    def build():
+        from featurize.pipeline import build_extractor
+
+        how = info.get("build", {})
+        ex = build_extractor(cache_dir, how.get("backbone", info["backbone"]), how.get("weights"), device,
                              info["precision"])
         if ex.space.space_id != space_id:
             raise UserError(f"the weights of {info['backbone']} changed since space {space_id} was extracted "
                             f"(now {ex.space.space_id}); re-run `extract` and `fit`")
+        return ex
+
+    found, errors = embed_files(space, paths, build, batch_size, workers)
+    ok_paths = [p for p in paths if p in found]
+    X = np.stack([found[p] for p in ok_paths]) if ok_paths else np.empty((0, info["dim"]), np.float32)
+    return X, ok_paths, errors
+
+
+def embed_files(space: fc.FeatureSpace, paths: list[str], build, batch_size: int = 32, workers: int | None = None):
+    """Vectors of ``paths`` in ``space``: cached ones found by content hash, the rest embedded by
+    ``build()`` (an ``Extractor`` for that space, called only when a file is not cached yet) and
+    added to the cache. Returns ``({path: vector}, [(path, reason)])`` for unreadable files.
+    """
+    hashes, errors = fc.hash_files(paths)
+    found = space.vectors_for(hashes)
+    todo = list({h: p for p, h in hashes.items() if p not in found}.items())  # one file per new hash
+    if todo:
+        from featurize.pipeline import default_workers, run_pipeline, tune_allocator
+
+        tune_allocator()
+        ex = build()
         failed: dict[str, str] = {}
         run_pipeline(ex, todo, batch_size, default_workers() if workers is None else workers, {}, False,
                      failed.__setitem__)
         errors += [(p, failed[h]) for p, h in hashes.items() if h in failed]
         found.update(space.vectors_for({p: h for p, h in hashes.items() if p not in found and h not in failed}))
-    ok_paths = [p for p in paths if p in found]
-    X = np.stack([found[p] for p in ok_paths]) if ok_paths else np.empty((0, info["dim"]), np.float32)
-    return X, ok_paths, errors
+    return found, errors
+
+
+class _CallableModule(types.ModuleType):
+    """``featurize.extract`` is this module and, called, the Python API's :func:`featurize.api.extract`.
+
+    Importing a submodule sets it as an attribute of its package, so ``featurize.extract`` can
+    only be the public function if the module itself can be called.
+    """
+
+    def __call__(self, *args, **kwargs):
+        from featurize.api import extract as api_extract
+
+        return api_extract(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -11,6 +11,7 @@ import shlex
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from featurize.errors import UserError
@@ -20,17 +21,26 @@ from heads.registry import check_head_name, describe_heads
 from heads.store import check_space, load_head, read_meta, save_head
 
 
-def run_fit(cache_dir, head="logreg", data=None, backbone=None, out=None, class_weight=None, seed=0, folds=5,
-            n_jobs=None) -> dict:
-    """Fit ``head`` on the cached features of a dataset, print its metrics and save it; returns a summary.
+@dataclass
+class FitOutcome:
+    """What :func:`fit_head` did: ``summary`` is what ``fit --json`` prints; the rest feeds the text."""
 
-    ``head="list"`` prints the registered heads with their descriptions instead.
+    summary: dict
+    root: str
+    n_images: int
+    fit_seconds: float
+    eval_seconds: float
+    load_seconds: float
+
+
+def fit_head(cache_dir, head="logreg", data=None, backbone=None, out=None, class_weight=None, seed=0, folds=5,
+             n_jobs=None) -> FitOutcome:
+    """Fit ``head`` on the cached features of a dataset and save it; prints nothing.
+
+    Takes the cache, head name, dataset folder and backbone (latest when None), the head file
+    (default under ``<cache>/heads/``) and the protocol options. Raises ``UserError`` for an
+    unknown head, an empty cache or unusable labels.
     """
-    if head == "list":
-        heads = describe_heads()
-        for name, text in heads.items():
-            print(f"{name:<12}{text}")
-        return {"heads": heads}
     check_head_name(head)  # a typo fails before any file is read
     t0 = time.perf_counter()
     lf = load_labelled(cache_dir, data, backbone)
@@ -51,20 +61,44 @@ def run_fit(cache_dir, head="logreg", data=None, backbone=None, out=None, class_
         "errors": ev.errors,
     }
     saved = save_head(path, ev.estimator, meta)
-    alias = f" ({ev.resolved})" if ev.resolved != head else ""
-    how = "fit on train, scored on " + "/".join(ev.metrics) if ev.protocol == "split" else \
-        f"stratified {ev.protocol[3:]}-fold CV (mean +/- std), final head fit on all {len(lf.y)} images"
-    print(f"head {head}{alias} | {lf.root} | backbone {backbone_name} ({lf.space_id}) | {len(lf.y)} images, "
-          f"{len(ev.classes)} classes | {how}")
-    print(format_metrics(ev.metrics))
-    print(f"best hyper-parameters (inner CV on training data): {json.dumps(ev.best_params, default=str)}")
-    print(f"fit time: {ev.fit_seconds:.2f} s (final head)  | protocol total {ev.eval_seconds:.2f} s  | "
-          f"features loaded in {load_s:.2f} s")
-    print(f"saved: {saved['path']}")
-    return {"head": head, "resolved": ev.resolved, "dataset": lf.root, "backbone": backbone_name,
-            "space_id": lf.space_id, "protocol": ev.protocol, "classes": ev.classes, "metrics": ev.metrics,
-            "best_params": ev.best_params, "timings": meta["timings"],
-            "paths": {"model": saved["path"], "meta": saved["meta_path"]}, "sha256": saved["sha256"]}
+    summary = {"head": head, "resolved": ev.resolved, "dataset": lf.root, "backbone": backbone_name,
+               "space_id": lf.space_id, "protocol": ev.protocol, "classes": ev.classes, "metrics": ev.metrics,
+               "best_params": ev.best_params, "timings": meta["timings"],
+               "paths": {"model": saved["path"], "meta": saved["meta_path"]}, "sha256": saved["sha256"]}
+    return FitOutcome(summary, lf.root, int(len(lf.y)), ev.fit_seconds, ev.eval_seconds, load_s)
+
+
+def format_fit(o: FitOutcome) -> str:
+    """The text ``fit`` prints for :func:`fit_head`'s outcome."""
+    s = o.summary
+    alias = f" ({s['resolved']})" if s["resolved"] != s["head"] else ""
+    how = "fit on train, scored on " + "/".join(s["metrics"]) if s["protocol"] == "split" else \
+        f"stratified {s['protocol'][3:]}-fold CV (mean +/- std), final head fit on all {o.n_images} images"
+    return "\n".join([
+        f"head {s['head']}{alias} | {o.root} | backbone {s['backbone']} ({s['space_id']}) | {o.n_images} images, "
+        f"{len(s['classes'])} classes | {how}",
+        format_metrics(s["metrics"]),
+        f"best hyper-parameters (inner CV on training data): {json.dumps(s['best_params'], default=str)}",
+        f"fit time: {o.fit_seconds:.2f} s (final head)  | protocol total {o.eval_seconds:.2f} s  | "
+        f"features loaded in {o.load_seconds:.2f} s",
+        f"saved: {s['paths']['model']}",
+    ])
+
+
+def run_fit(cache_dir, head="logreg", data=None, backbone=None, out=None, class_weight=None, seed=0, folds=5,
+            n_jobs=None) -> dict:
+    """Fit ``head`` on the cached features of a dataset, print its metrics and save it; returns a summary.
+
+    ``head="list"`` prints the registered heads with their descriptions instead.
+    """
+    if head == "list":
+        heads = describe_heads()
+        for name, text in heads.items():
+            print(f"{name:<12}{text}")
+        return {"heads": heads}
+    outcome = fit_head(cache_dir, head, data, backbone, out, class_weight, seed, folds, n_jobs)
+    print(format_fit(outcome))
+    return outcome.summary
 
 
 def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, class_weight=None, seed=0, folds=5,
