@@ -109,7 +109,7 @@ def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, clas
 
     ipath, _ = find_index(cache_dir, data)
     result = compare(cache_dir, data, heads, backbones, class_weight=class_weight, seed=seed, folds=folds,
-                     n_jobs=n_jobs, log=None if quiet else (lambda s: print(s, file=sys.stderr)))
+                     n_jobs=n_jobs, log=not quiet)
     stem = Path(out) if out else Path(cache_dir) / "reports" / f"compare-{ipath.stem}"
     paths = write_leaderboard(result, stem)
     print(f"leaderboard for {result['dataset']} ({len(result['rows'])} runs, {result['seconds']:.1f} s)")

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from featurize.errors import UserError
+from heads.parallel import Progress, plan_jobs, run_tasks
 from heads.protocol import evaluate, load_labelled, primary
 from heads.registry import check_head_name, list_heads
 
@@ -17,7 +18,7 @@ COLUMNS = ("rank", "backbone", "head", "protocol", "scored_on", "accuracy", "acc
 
 
 def compare(cache_dir, data=None, heads=None, backbones=None, *, class_weight=None, seed=0, folds=5, n_jobs=None,
-            log=print) -> dict:
+            log=True) -> dict:
     """Evaluate each head on each feature space of a dataset and rank them.
 
     Takes the cache dir, dataset folder (latest when None), head names (all distinct heads
@@ -34,29 +35,49 @@ def compare(cache_dir, data=None, heads=None, backbones=None, *, class_weight=No
         sorted(index.extractions, key=lambda s: -index.extractions[s].get("finished_at", 0))
     if not spaces:
         raise UserError(f"{index.root} has no finished extraction in {cache_dir}; run `extract {index.root}`")
-    rows = []
+    candidates, data_of = [], {}
     for sid in spaces:
         lf = load_labelled(cache_dir, data if data is not None else index.root, sid)
-        backbone = lf.space_info.get("backbone", sid)
-        for h in heads:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # convergence chatter from the sweep's extreme C values
-                ev = evaluate(h, lf.X, lf.y, lf.splits, lf.paths, class_weight=class_weight, seed=seed, folds=folds,
-                              n_jobs=n_jobs)
-            part, m = primary(ev.metrics)
-            std = ev.metrics["cv"]["std"].get("accuracy") if part == "cv" else None
-            rows.append({"backbone": backbone, "head": ev.resolved if h == "svm" else h, "protocol": ev.protocol,
-                         "scored_on": part, "accuracy": m.get("accuracy"), "accuracy_std": std,
-                         "balanced_accuracy": m.get("balanced_accuracy"), "macro_f1": m.get("macro_f1"),
-                         "roc_auc": m.get("roc_auc"), "log_loss": m.get("log_loss"),
-                         "fit_s": round(ev.fit_seconds, 3), "eval_s": round(ev.eval_seconds, 3),
-                         "best_params": json.dumps(ev.best_params, default=str), "space_id": sid})
-            if log:
-                log(f"  {backbone:<22}{h:<12}acc {m.get('accuracy', float('nan')):.4f}  ({ev.eval_seconds:.1f} s)")
+        data_of[sid] = lf
+        candidates += [(sid, h) for h in heads]
+    n_rows = max(len(lf.y) for lf in data_of.values())
+    # candidates are independent: one per core for large data, each fit with capped BLAS threads
+    jobs = plan_jobs(n_jobs, len(candidates), n_rows)
+    tasks = [(h, data_of[sid].X, data_of[sid].y, data_of[sid].splits, data_of[sid].paths, class_weight, seed, folds,
+              1 if jobs > 1 else n_jobs) for sid, h in candidates]
+    bar = Progress("compare", len(candidates), after=0.0 if log else None)
+
+    def done(i, ev):
+        sid, h = candidates[i]
+        backbone = data_of[sid].space_info.get("backbone", sid)
+        acc = primary(ev.metrics)[1].get("accuracy", float("nan"))
+        bar.step(f"{backbone} {h} acc {acc:.4f} in {ev.eval_seconds:.1f} s")
+
+    rows = []
+    for (sid, h), ev in zip(candidates, run_tasks(_score, tasks, jobs, done)):
+        backbone = data_of[sid].space_info.get("backbone", sid)
+        part, m = primary(ev.metrics)
+        std = ev.metrics["cv"]["std"].get("accuracy") if part == "cv" else None
+        rows.append({"backbone": backbone, "head": ev.resolved if h == "svm" else h, "protocol": ev.protocol,
+                     "scored_on": part, "accuracy": m.get("accuracy"), "accuracy_std": std,
+                     "balanced_accuracy": m.get("balanced_accuracy"), "macro_f1": m.get("macro_f1"),
+                     "roc_auc": m.get("roc_auc"), "log_loss": m.get("log_loss"),
+                     "fit_s": round(ev.fit_seconds, 3), "eval_s": round(ev.eval_seconds, 3),
+                     "best_params": json.dumps(ev.best_params, default=str), "space_id": sid})
     rows.sort(key=lambda r: (-(r["accuracy"] or 0), -(r["balanced_accuracy"] or 0), r["eval_s"]))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return {"dataset": index.root, "rows": rows, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _score(head, X, y, splits, paths, class_weight, seed, folds, n_jobs):
+    """One leaderboard candidate (runs in a worker for large data); the fitted head is not kept."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter from the sweep's extreme C values
+        ev = evaluate(head, X, y, splits, paths, class_weight=class_weight, seed=seed, folds=folds, n_jobs=n_jobs,
+                      progress=False)
+    ev.estimator = None  # compare keeps no heads: do not ship them back from the workers
+    return ev
 
 
 def _cell(v, k):

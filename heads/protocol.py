@@ -18,6 +18,7 @@ import numpy as np
 
 from featurize.errors import UserError
 from heads.metrics import compute_metrics, summarize_folds
+from heads.parallel import Progress, capped_threads, plan_jobs, run_tasks
 from heads.registry import check_head_name, make_head, resolve_alias
 
 MAX_KEPT_ERRORS = 300  # misclassified held-out rows kept in the head file for the report gallery
@@ -130,13 +131,27 @@ def best_params(est) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
 
 
+def _fit_fold(head, X, y, tr, te, class_weight, seed, n_jobs):
+    """One outer fold (``te`` None: the final head on all rows): ``(estimator or None, pred, proba)``."""
+    est = make_head(head, class_weight=class_weight, seed=seed, n_samples=len(tr), n_jobs=n_jobs)
+    t = time.perf_counter()
+    est.fit(X[tr], y[tr])
+    fit_s = time.perf_counter() - t
+    if te is None:
+        return est, None, None, fit_s
+    return None, est.predict(X[te]), _proba(est, X[te]), fit_s
+
+
 def evaluate(head: str, X, y, splits=None, paths=None, *, class_weight=None, seed: int = 0, folds: int = 5,
-             n_jobs=None) -> Evaluation:
+             n_jobs=None, progress: bool = True) -> Evaluation:
     """Run the protocol for one head and return an ``Evaluation`` holding the final fitted head.
 
     Takes the head name, features ``X`` (n, d), labels ``y``, split names (``''`` when
     none), file paths (for the error gallery), class weighting, seed, and the number of
-    outer folds. Raises ``UserError`` for an unknown head or unusable labels.
+    outer folds. The outer folds and the final fit run side by side on the cores for large
+    data (``heads.parallel``; same results as one at a time); ``progress`` prints a line per
+    finished fold on stderr once the run is long. Raises ``UserError`` for an unknown head or
+    unusable labels.
     """
     check_head_name(head)
     X, y = np.asarray(X), np.asarray(y).astype(str)
@@ -149,7 +164,8 @@ def evaluate(head: str, X, y, splits=None, paths=None, *, class_weight=None, see
         classes = sorted(set(y[train]))
         est = make_head(head, class_weight=class_weight, seed=seed, n_samples=int(train.sum()), n_jobs=n_jobs)
         t = time.perf_counter()
-        est.fit(X[train], y[train])
+        with capped_threads(1):  # the search's own workers carry the parallelism
+            est.fit(X[train], y[train])
         fit_s = time.perf_counter() - t
         metrics, errors = {}, []
         for part in ("val", "test"):
@@ -164,28 +180,32 @@ def evaluate(head: str, X, y, splits=None, paths=None, *, class_weight=None, see
 
         classes = sorted(set(y))
         k = min(folds, int(np.unique(y, return_counts=True)[1].min()))
-        outer = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        outer = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, y))
+        everything = np.arange(len(y))
+        jobs = plan_jobs(n_jobs, k + 1, len(y))
+        inner_jobs = 1 if jobs > 1 else n_jobs  # no workers inside workers
+        # the k outer folds and the final head on all rows are independent: one task each
+        tasks = [(head, X, y, tr, te, class_weight, seed, inner_jobs) for tr, te in outer]
+        tasks.append((head, X, y, everything, None, class_weight, seed, inner_jobs))
+        bar = Progress(f"{head} ({k}-fold CV)", k + 1) if progress else None
+        done = (lambda i, _: bar.step(f"fold {i + 1}/{k} done" if i < k else "final head fit on all rows")) \
+            if bar else None
+        results = run_tasks(_fit_fold, tasks, jobs, done)
         pred = np.empty(len(y), dtype=object)
         proba = np.zeros((len(y), len(classes)))
         fold_metrics = []
-        for tr, te in outer.split(X, y):
-            est = make_head(head, class_weight=class_weight, seed=seed, n_samples=len(tr), n_jobs=n_jobs)
-            est.fit(X[tr], y[tr])
-            pred[te] = est.predict(X[te])
-            p = _proba(est, X[te])
-            if p is not None:  # a fold may miss no class (stratified), so columns match `classes`
-                proba[te] = p
-            fold_metrics.append(compute_metrics(y[te], pred[te], p, classes))
+        for (_, te), (_, p_te, pr_te, _) in zip(outer, results[:k]):
+            pred[te] = p_te
+            if pr_te is not None:  # a fold may miss no class (stratified), so columns match `classes`
+                proba[te] = pr_te
+            fold_metrics.append(compute_metrics(y[te], pred[te], pr_te, classes))
         pred = pred.astype(str)
         pooled = compute_metrics(y, pred, proba, classes)
         pooled["mean"], pooled["std"] = summarize_folds(fold_metrics)
         pooled["folds"] = k
         metrics = {"cv": pooled}
         errors = _misclassified(paths, y, pred, proba, classes, "cv")
-        est = make_head(head, class_weight=class_weight, seed=seed, n_samples=len(y), n_jobs=n_jobs)
-        t = time.perf_counter()
-        est.fit(X, y)
-        fit_s = time.perf_counter() - t
+        est, _, _, fit_s = results[k]
         protocol, n_train = f"cv-{k}", len(y)
     return Evaluation(
         head=head, resolved=resolve_alias(head, n_train), protocol=protocol, metrics=metrics, estimator=est,

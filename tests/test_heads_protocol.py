@@ -127,3 +127,45 @@ def test_kept_mistakes_take_turns_across_classes_most_confident_first():
     assert [r["path"] for r in rows] == ["c/7.jpg", "a/1.jpg", "b/5.jpg", "c/6.jpg", "a/2.jpg", "b/4.jpg",
                                          "a/0.jpg", "a/3.jpg"]
     assert rows[1]["prob"] == 0.9 and rows[1]["pred"] == "c" and all(r["part"] == "test" for r in rows)
+
+
+# --------------------------------------------------------------------------- heads under load (issue 9)
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1)
+
+
+def test_worker_fits_run_with_capped_blas_threads():
+    from heads.parallel import run_tasks
+
+    seen = []
+    out = run_tasks(_blas_threads, [()] * 3, jobs=2, on_done=lambda i, r: seen.append(i))
+    assert out == [1, 1, 1] and sorted(seen) == [0, 1, 2]  # cores // jobs = 1 on this 2-core machine
+    assert run_tasks(_blas_threads, [()], jobs=1) == [1]  # in-process fits are capped too
+
+
+def test_parallel_folds_give_the_same_result_as_one_at_a_time():
+    X, y = _data((20, 18, 16), sep=2.5, seed=4)
+    one = evaluate("logreg", X, y, folds=3, n_jobs=1)
+    two = evaluate("logreg", X, y, folds=3, n_jobs=2)
+    assert one.metrics["cv"]["confusion"] == two.metrics["cv"]["confusion"]
+    assert one.metrics["cv"]["log_loss"] == pytest.approx(two.metrics["cv"]["log_loss"], rel=1e-9)
+    np.testing.assert_allclose(one.estimator.predict_proba(X), two.estimator.predict_proba(X), rtol=1e-7)
+
+
+def test_long_runs_show_which_fold_on_stderr_only(capsys, monkeypatch):
+    import heads.parallel
+
+    monkeypatch.setattr(heads.parallel, "PROGRESS_AFTER_S", 0.0)  # every run counts as long
+    X, y = _data()
+    evaluate("centroid", X, y, folds=3)
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert [ln.split(": ", 1)[1].split(" (")[0] for ln in lines] == [
+        "fold 1/3 done", "fold 2/3 done", "fold 3/3 done", "final head fit on all rows"]
+    assert all(ln.startswith("centroid (3-fold CV): ") and ln.endswith(" s)") for ln in lines)
+    assert "(4/4, " in lines[-1]
