@@ -20,10 +20,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
-def _cache(args) -> str:
-    from featurize.cache import default_cache_dir
+def _cache(args):
+    from featurize.layout import Cache
 
-    return str(args.cache or default_cache_dir())
+    return Cache(args.cache)  # None: $FEATURIZE_CACHE or ./cache
 
 
 # --------------------------------------------------------------------------- extract

@@ -66,10 +66,10 @@ def _api(fn):
     return wrapper
 
 
-def _cache_dir(cache) -> Path:
-    from featurize.cache import default_cache_dir
+def _cache_dir(cache):
+    from featurize.layout import Cache
 
-    return Path(default_cache_dir() if cache is None else cache)
+    return Cache.of(cache)  # None: $FEATURIZE_CACHE or ./cache
 
 
 # --------------------------------------------------------------------------- extract
@@ -478,12 +478,6 @@ class RunHead:
         return self.classes_[self.predict_proba(images).argmax(1)]
 
 
-def _cache_of_head(path: Path) -> Path | None:
-    """``<cache>/heads/<dataset>/<space>/<head>.joblib`` -> ``<cache>``."""
-    parents = path.resolve().parents
-    return parents[3] if len(parents) > 3 and parents[2].name == "heads" else None
-
-
 @_api
 def load_head(path, cache=None, *, trust: bool = False):
     """Load a head written by ``fit`` (or a fine-tuning run folder); returns a :class:`Head`.
@@ -499,5 +493,7 @@ def load_head(path, cache=None, *, trust: bool = False):
     from heads.store import load_head as load
 
     estimator, meta = load(path, trust=trust)
-    return Head(estimator, meta, path, Path(cache) if cache is not None else _cache_of_head(Path(path))
-                or _cache_dir(None))
+    from featurize.layout import Cache
+
+    home = Cache(cache) if cache is not None else Cache.of_head(path) or Cache()
+    return Head(estimator, meta, path, home.root)

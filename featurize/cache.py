@@ -36,17 +36,13 @@ import h5py
 import numpy as np
 
 from featurize.errors import UserError
+from featurize.layout import Cache, dataset_key, default_cache_dir  # noqa: F401  (re-exported)
 
 SCHEMA_VERSION = 1
 HASH_DTYPE = "S32"  # blake2b-128 of the file bytes, hex
 _STR = h5py.string_dtype("utf-8")
 STATUS_OK = "ok"
 STATUS_PENDING = "pending"
-
-
-def default_cache_dir() -> Path:
-    """The cache directory used when ``--cache`` is not given: ``$FEATURIZE_CACHE`` or ``./cache``."""
-    return Path(os.environ.get("FEATURIZE_CACHE", "cache"))
 
 
 def content_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -185,7 +181,7 @@ class FeatureSpace:
 
     @property
     def folder(self) -> Path:
-        return Path(self.cache_dir) / "features" / self.space_id
+        return Cache.of(self.cache_dir).space_folder(self.space_id)
 
     def exists(self) -> bool:
         return (self.folder / "space.json").exists()
@@ -481,15 +477,9 @@ class DatasetIndex:
         return [(p, s[len("error: "):]) for p, s in zip(self.path, self.status) if s.startswith("error")]
 
 
-def dataset_key(root: str | os.PathLike) -> str:
-    """Return the file stem for a dataset folder: ``<folder name>-<8 hex of its real path>``."""
-    real = os.path.realpath(root)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(real.rstrip("/")) or "root")[:40]
-    return f"{name}-{hashlib.sha1(real.encode()).hexdigest()[:8]}"
-
-
 def index_path(cache_dir: str | os.PathLike, root: str | os.PathLike) -> Path:
-    return Path(cache_dir) / "datasets" / f"{dataset_key(root)}.h5"
+    """The index file of the image folder ``root`` (:meth:`Cache.index_path`)."""
+    return Cache.of(cache_dir).index_path(root)
 
 
 def write_index(path: Path, index: DatasetIndex) -> None:
@@ -556,7 +546,7 @@ def read_extractions(path: str | os.PathLike) -> dict:
 
 def list_indexes(cache_dir: str | os.PathLike) -> list[tuple[Path, DatasetIndex]]:
     """Return every dataset index in the cache, most recently updated first."""
-    out = [(p, read_index(p)) for p in sorted((Path(cache_dir) / "datasets").glob("*.h5"))]
+    out = [(p, read_index(p)) for p in Cache.of(cache_dir).index_files()]
     return sorted(out, key=lambda t: t[1].updated_at, reverse=True)
 
 
@@ -573,7 +563,7 @@ def find_index(cache_dir: str | os.PathLike, data: str | os.PathLike | None = No
         return p, read_index(p)
     if not cache_dir.is_dir():
         raise UserError(f"the cache folder {cache_dir} does not exist; check --cache, or run `extract DATA` first")
-    found = list_indexes(cache_dir) if (cache_dir / "datasets").is_dir() else []
+    found = list_indexes(cache_dir) if Cache.of(cache_dir).datasets_dir.is_dir() else []
     if not found:
         raise UserError(f"the cache {cache_dir} is empty; run `extract DATA` first (or pass --cache)")
     return found[0]

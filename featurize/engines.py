@@ -339,7 +339,9 @@ class EngineMismatch(UserError):
 def engine_folder(cache_dir, space_id: str, engine: str) -> Path | None:
     if cache_dir is None or space_id is None:
         return None
-    return Path(cache_dir) / "engines" / f"{space_id}-{engine}"
+    from featurize.layout import Cache
+
+    return Cache.of(cache_dir).engine_folder(space_id, engine)
 
 
 class LazyEngine:

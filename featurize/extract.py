@@ -94,7 +94,7 @@ def _known_space(old: fc.DatasetIndex | None, key: dict, cache_dir) -> str | Non
             return 0.0
 
     def others():  # only looked at when this folder's own runs do not know the request
-        for p in sorted((Path(cache_dir) / "datasets").glob("*.h5"), key=newest_first):
+        for p in sorted(fc.Cache.of(cache_dir).index_files(), key=newest_first):
             yield fc.read_extractions(p)
 
     runs = itertools.chain([old.extractions] if old else [], others())
@@ -145,7 +145,7 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
     sc = scan(data)
     seconds["scan"] = time.perf_counter() - t
     ipath = fc.index_path(cache_dir, sc.root)
-    with fc.CacheLock(ipath.with_suffix(".lock"), wait=wait):
+    with fc.CacheLock(fc.Cache.lock_path(ipath), wait=wait):
         old = None
         if ipath.exists():
             try:

@@ -51,10 +51,11 @@ def describe_cache(cache_dir) -> dict:
     Raises ``UserError`` when the folder does not exist or holds something else than a
     featurize cache (an empty folder is an empty cache).
     """
-    root = Path(cache_dir)
+    cache = fc.Cache.of(cache_dir)
+    root = cache.root
     if not root.is_dir():
         raise UserError(f"no cache at {root}; run `extract DATA` first (or pass --cache DIR)")
-    if any(root.iterdir()) and not any((root / d).is_dir() for d in ("datasets", "features", "heads", "engines")):
+    if not cache.looks_like_cache():
         raise UserError(f"{root} is not a featurize cache (no datasets/ or features/ folder); pass --cache DIR "
                         "with the folder `extract` wrote to")
     datasets = []
@@ -67,7 +68,7 @@ def describe_cache(cache_dir) -> dict:
             "updated_at": idx.updated_at, "extractions": idx.extractions, "bytes": _bytes(path),
         })
     spaces = []
-    for folder in sorted((root / "features").glob("*/")):
+    for folder in cache.space_folders():
         space = fc.FeatureSpace(root, folder.name)
         try:
             info = space.info()
@@ -82,7 +83,7 @@ def describe_cache(cache_dir) -> dict:
             "datasets": [d["root"] for d in datasets if folder.name in d["extractions"]],
         })
     heads = []
-    for meta_path in sorted((root / "heads").rglob("*.json")):
+    for meta_path in cache.head_sidecars():
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
@@ -95,7 +96,7 @@ def describe_cache(cache_dir) -> dict:
             "backbone": meta.get("backbone"), "space_id": meta["space_id"], "saved_at": meta.get("saved_at"),
             "scored_on": score[0] if score else None, "accuracy": score[1] if score else None,
         })
-    engines = [{"path": str(p), "bytes": _bytes(p)} for p in sorted((root / "engines").glob("*/"))]
+    engines = [{"path": str(p), "bytes": _bytes(p)} for p in cache.engine_folders()]
     return {"cache": str(root.resolve()), "bytes": _bytes(root), "datasets": datasets, "spaces": spaces, "heads": heads,
             "engines": engines}
 

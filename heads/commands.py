@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featurize.errors import UserError
+from featurize.layout import Cache
 from heads.metrics import format_metrics
 from heads.protocol import evaluate, head_path, load_labelled
 from heads.registry import check_head_name, describe_heads
@@ -110,7 +111,7 @@ def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, clas
     ipath, _ = find_index(cache_dir, data)
     result = compare(cache_dir, data, heads, backbones, class_weight=class_weight, seed=seed, folds=folds,
                      n_jobs=n_jobs, log=not quiet)
-    stem = Path(out) if out else Path(cache_dir) / "reports" / f"compare-{ipath.stem}"
+    stem = Path(out) if out else Cache.of(cache_dir).compare_stem(ipath)
     paths = write_leaderboard(result, stem)
     print(f"leaderboard for {result['dataset']} ({len(result['rows'])} runs, {result['seconds']:.1f} s)")
     print(format_leaderboard(result))

@@ -224,4 +224,6 @@ def primary(metrics: dict) -> tuple[str, dict]:
 
 def head_path(cache_dir, index_path, space_id: str, head: str) -> Path:
     """Default file for a fitted head: ``<cache>/heads/<dataset>/<space_id>/<head>.joblib``."""
-    return Path(cache_dir) / "heads" / Path(index_path).stem / space_id / f"{head}.joblib"
+    from featurize.layout import Cache
+
+    return Cache.of(cache_dir).head_path(index_path, space_id, head)
