@@ -161,19 +161,11 @@ def add_predict(sub) -> None:
 
 
 def cmd_predict(args) -> dict:
-    if args.model and _is_run_folder(args.model):  # (issue 4) a fine-tuning run classifies end to end
-        return _predict_with_run(args)
-    from heads.commands import run_predict
+    from featurize.workflow import predict
 
-    cache = _cache(args)
-
-    def embed(space_id: str, paths: list[str]):
-        from featurize.extract import embed_paths  # torch: only for files not embedded yet
-
-        return embed_paths(paths, space_id, cache, batch_size=args.batch_size, device=args.device)
-
-    return run_predict(cache, args.inputs, head=args.head, model=args.model, data=args.data, backbone=args.backbone,
-                       top_k=args.top_k, fmt=args.format, trust=args.trust, embed=embed)
+    return predict(_cache(args), args.inputs, head=args.head, model=args.model, data=args.data,
+                   backbone=args.backbone, top_k=args.top_k, fmt=args.format, trust=args.trust,
+                   batch_size=args.batch_size, device=args.device)
 
 
 def add_report(sub) -> None:
@@ -198,8 +190,8 @@ HEAD_COMMANDS = [add_fit, add_compare, add_predict, add_report]
 
 
 # --------------------------------------------------------------------------- finetune (issue 4)
-# LP-FT: unfreeze the backbone starting from the fitted linear probe. The probe is read through
-# heads (torch-free) and handed to featurize.finetune as plain arrays; featurize never imports heads.
+# LP-FT: unfreeze the backbone starting from the fitted linear probe; the glue between the probe
+# (heads, torch-free) and training (featurize.finetune) is featurize.workflow.finetune.
 
 
 def add_finetune(sub) -> None:
@@ -232,112 +224,17 @@ def add_finetune(sub) -> None:
     p.set_defaults(func=cmd_finetune)
 
 
-def _probe_for(args, cache, index_path, space_id, X, paths, labels, plan) -> dict:
-    """Load the saved probe, refit its chosen model on the fine-tuning train rows, fold it to W, b."""
-    import numpy as np
-
-    from heads.linear import linear_params, load_probe, refit
-    from heads.protocol import head_path
-
-    path = args.probe or head_path(cache, index_path, space_id, "logreg")
-    est, meta = load_probe(path, space_id, trust=args.trust)
-    linear_params(est)  # refuse a non-linear head before spending time on the refit
-    row = {p: i for i, p in enumerate(paths)}
-    take = lambda rows: (X[[row[p] for p, _ in rows]], np.array([plan.classes[y] for _, y in rows]))  # noqa: E731
-    Xtr, ytr = take(plan.train)
-    fitted = refit(est, Xtr, ytr)  # same C, only the fine-tuning train rows: the hold-out stays unseen
-    out = {**linear_params(fitted), "file": str(path), "head": meta.get("head"), "best_params": meta.get("best_params")}
-    for part in ("val", "test"):
-        rows = getattr(plan, part)
-        if rows:
-            Xp, yp = take(rows)
-            out[f"{part}_accuracy"] = float((fitted.predict(Xp) == yp).mean())
-    return out
-
-
-def _space_with_probe(cache, index_path, index):
-    """The latest extraction that has a fitted logreg probe: after `extract --backbone runs/ft-001/`
-    the newest space is the fine-tuned one, which has no probe yet."""
-    from pathlib import Path
-
-    from featurize.cache import FeatureSpace, extractions_newest_first
-    from heads.protocol import head_path
-
-    for sid, _ in extractions_newest_first(index):
-        if Path(head_path(cache, index_path, sid, "logreg")).is_file():
-            return FeatureSpace(Path(cache), sid)
-    return None
-
-
 def cmd_finetune(args) -> dict:
-    from featurize import finetune as ft
+    from featurize.workflow import finetune, format_finetune
 
-    if args.resume:
-        run = ft.latest_run_dir() if args.resume == "latest" else args.resume
-        summary = ft.train(run)
-    else:
-        from featurize.cache import find_index, load_features, resolve_space
-
-        cache = _cache(args)
-        ipath, index = find_index(cache, args.data)
-        space = resolve_space(cache, index, args.backbone)
-        if args.backbone is None and args.init == "probe" and not args.probe:
-            space = _space_with_probe(cache, ipath, index) or space
-        X, labels, splits, paths = load_features(cache, index, space)
-        cfg = ft.FinetuneConfig(
-            epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-            batch_size=args.batch_size, unfreeze=args.unfreeze, train_bn=args.train_bn, patience=args.patience,
-            seed=args.seed, init=args.init, val_fraction=args.val_fraction, max_train=args.max_train,
-            max_steps=args.max_steps, device=args.device, precision=args.precision, workers=args.workers)
-        ft.parse_unfreeze(cfg.unfreeze)
-        plan = ft.plan_data(index.root, paths, labels, splits, cfg.val_fraction, cfg.seed, cfg.max_train)
-        probe = _probe_for(args, cache, ipath, space.space_id, X, list(paths), labels, plan) \
-            if cfg.init == "probe" else None
-        run = ft.start_run(plan, space.info(), cfg, args.out or ft.next_run_dir(), probe)
-        summary = ft.train(run)
-    s = summary
-    print(f"{s['run']}: best epoch {s['best_epoch']} val_acc {s['best_val_accuracy']:.4f} "
-          f"(epoch 0 = {s['init']} init: {s['epoch0_val_accuracy']:.4f})"
-          + (f"; test_acc {s['test_accuracy_best']:.4f} (epoch 0: {s['test_accuracy_epoch0']:.4f})"
-             if s.get("test_accuracy_best") is not None else "")
-          + f"; {s['train_seconds']:.0f}s training")
+    summary = finetune(
+        _cache(args), args.data, args.backbone, probe=args.probe, out=args.out, resume=args.resume, trust=args.trust,
+        epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+        batch_size=args.batch_size, unfreeze=args.unfreeze, train_bn=args.train_bn, patience=args.patience,
+        seed=args.seed, init=args.init, val_fraction=args.val_fraction, max_train=args.max_train,
+        max_steps=args.max_steps, device=args.device, precision=args.precision, workers=args.workers)
+    print(format_finetune(summary))
     return summary
-
-
-def _is_run_folder(path: str) -> bool:
-    import os
-
-    return os.path.isfile(os.path.join(path, "featurize_run.json"))  # featurize.backbones.RUN_META, torch-free
-
-
-def _predict_with_run(args) -> dict:
-    """`predict --model runs/ft-NNN/`: the fine-tuned backbone and classifier, end to end."""
-    import time
-
-    from featurize import finetune as ft
-    from heads.commands import expand_inputs
-    from heads.predict import format_rows
-
-    t0 = time.perf_counter()
-    files, errors = expand_inputs(args.inputs)
-    if not files and not errors:
-        raise UserError(f"no image files in {', '.join(args.inputs)}; pass image files or folders of images")
-    probs, classes, ok, bad = ft.predict_run(args.model, files, batch_size=args.batch_size, device=args.device)
-    errors += bad
-    rows = []
-    k = max(1, min(args.top_k, len(classes)))
-    for p, pr in zip(ok, probs):
-        top = pr.argsort()[::-1][:k]
-        rows.append({"path": p, "label": classes[top[0]], "probability": float(pr[top[0]]),
-                     "top_k": [[classes[j], float(pr[j])] for j in top]})
-    for p, reason in errors:
-        print(f"skipped {p}: {reason}", file=sys.stderr)
-    if not rows:
-        raise UserError(f"none of the {len(files) + len(errors)} inputs could be classified (see the skipped lines)")
-    print(json.dumps(rows, indent=1) if args.format == "json" else format_rows(rows, args.format))
-    return {"model": str(args.model), "head": "finetune", "predictions": rows,
-            "errors": [{"path": p, "reason": r} for p, r in errors],
-            "timings": {"total_s": round(time.perf_counter() - t0, 3)}}
 
 
 FINETUNE_COMMANDS = [add_finetune]

@@ -177,6 +177,9 @@ def run_predict(cache_dir, inputs, head="logreg", model=None, data=None, backbon
     if not files and not errors:
         raise UserError(f"no image files in {', '.join(inputs)}; pass image files or folders of images")
     sid = meta["space_id"]
+    # which head answers matters: without --model it is the one fit on the latest extracted dataset
+    print(f"using head {meta.get('head')} ({path}): fit on {meta.get('dataset', '?')} with backbone "
+          f"{meta.get('backbone', '?')} (space {sid})", file=sys.stderr)
     rows, bad = predict_files(estimator, meta, files, cache_dir,
                               embed=(lambda paths: embed(sid, paths)) if embed else None, top_k=top_k)
     n_inputs = len(files) + len(errors)  # files found + paths that do not exist

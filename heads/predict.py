@@ -52,15 +52,19 @@ def predict_files(estimator, meta: dict, paths: list[str], cache_dir, embed: Emb
     if not ordered:
         return [], errors
     X = np.vstack([found[p] for p in ordered]).astype(np.float32)
-    proba = estimator.predict_proba(X)
-    classes = [str(c) for c in estimator.classes_]
+    return rows_from_proba(ordered, estimator.predict_proba(X), estimator.classes_, top_k), errors
+
+
+def rows_from_proba(paths: list[str], proba, classes, top_k: int = 3) -> list[dict]:
+    """One row per path: ``{path, label, probability, top_k: [[label, p], ...]}`` (most probable first)."""
+    classes = [str(c) for c in classes]
     k = max(1, min(top_k, len(classes)))
     rows = []
-    for p, pr in zip(ordered, proba):
+    for p, pr in zip(paths, np.asarray(proba)):
         top = np.argsort(-pr)[:k]
         rows.append({"path": p, "label": classes[top[0]], "probability": float(pr[top[0]]),
                      "top_k": [[classes[j], float(pr[j])] for j in top]})
-    return rows, errors
+    return rows
 
 
 def format_rows(rows: list[dict], fmt: str = "table") -> str:

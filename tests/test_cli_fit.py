@@ -92,6 +92,9 @@ def test_predict_files_folders_csv_and_bad_files(split_cache, tmp_path, env):
     out = json.loads(lines[-1])
     assert {e["path"].rsplit("/", 1)[-1] for e in out["errors"]} == {"broken.png", "missing.jpg"}
     assert "skipped" in p.stderr and "broken.png" in p.stderr
+    # which head answered, fit on which dataset and space (without --model: the latest extraction's)
+    used = next(line for line in p.stderr.splitlines() if line.startswith("using head centroid"))
+    assert out["model"] in used and "data" in used and "space tiny-" in used
 
     # nothing classifiable: the count is of the inputs given, and --json keeps the skipped list
     p = run_cli("predict", broken, tmp_path / "missing.jpg", "--head", "centroid", "--cache", split_cache, "--json",

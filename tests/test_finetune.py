@@ -53,12 +53,9 @@ def _plan(env, **kw):
 
 
 def _probe(env, plan):
-    from heads.linear import linear_params, refit
+    from featurize.workflow import refit_probe
 
-    row = {p: i for i, p in enumerate(env["paths"])}
-    tr = [row[p] for p, _ in plan.train]
-    fitted = refit(env["est"], env["X"][tr], env["labels"][tr])
-    return fitted, {**linear_params(fitted)}
+    return refit_probe(env["est"], env["X"], env["paths"], plan)
 
 
 def _run(env, name, plan=None, probe=None, log=None, **cfg):
