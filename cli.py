@@ -102,6 +102,10 @@ def _head_args(p, default_head: str | None = "logreg") -> None:
     p.add_argument("--backbone", default=None, help="backbone name or space id (default: the latest extraction)")
 
 
+EXCLUDE_HELP = ("leave these images out of training (an `audit` CSV, possibly edited, or a list of paths, one per "
+                "line); held-out images are still scored")
+
+
 def add_fit(sub) -> None:
     p = sub.add_parser("fit", help="train a head on cached features; print held-out metrics; save it")
     _head_args(p)
@@ -111,6 +115,7 @@ def add_fit(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="fixes the CV folds and the stochastic heads")
     p.add_argument("--folds", type=int, default=5, help="outer CV folds when the data has no train/test split")
     p.add_argument("--n-jobs", type=int, default=None, help="parallel hyper-parameter fits (default: 1)")
+    p.add_argument("--exclude", default=None, metavar="FILE", help=EXCLUDE_HELP)
     _common(p)
     p.set_defaults(func=cmd_fit)
 
@@ -120,7 +125,7 @@ def cmd_fit(args) -> dict:
 
     return run_fit(_cache(args), head=args.head, data=args.data, backbone=args.backbone, out=args.out,
                    class_weight=None if args.class_weight == "none" else args.class_weight, seed=args.seed,
-                   folds=args.folds, n_jobs=args.n_jobs)
+                   folds=args.folds, n_jobs=args.n_jobs, exclude=args.exclude)
 
 
 def add_compare(sub) -> None:
@@ -133,6 +138,7 @@ def add_compare(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="fixes the CV folds and the stochastic heads")
     p.add_argument("--folds", type=int, default=5, help="outer CV folds when the data has no train/test split")
     p.add_argument("--n-jobs", type=int, default=None, help="parallel hyper-parameter fits (default: 1)")
+    p.add_argument("--exclude", default=None, metavar="FILE", help=EXCLUDE_HELP)
     _common(p)
     p.set_defaults(func=cmd_compare)
 
@@ -143,7 +149,7 @@ def cmd_compare(args) -> dict:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     return run_compare(_cache(args), data=args.data, heads=split(args.heads), backbones=split(args.backbones),
                        out=args.out, class_weight=None if args.class_weight == "none" else args.class_weight,
-                       seed=args.seed, folds=args.folds, n_jobs=args.n_jobs, quiet=args.json)
+                       seed=args.seed, folds=args.folds, n_jobs=args.n_jobs, quiet=args.json, exclude=args.exclude)
 
 
 def add_predict(sub) -> None:
@@ -187,6 +193,40 @@ def cmd_report(args) -> dict:
 
 HEAD_COMMANDS = [add_fit, add_compare, add_predict, add_report]
 # --------------------------------------------------------------------------- end of heads section
+
+
+# --------------------------------------------------------------------------- audit (issue 12)
+
+
+def add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="suspected label errors, near-duplicates (across labels/splits) and outliers, "
+                       "from the cached features (summary, CSV, JSON, --html gallery)")
+    _head_args(p)
+    p.add_argument("--class-weight", choices=["none", "balanced"], default="none",
+                   help="class weights of the head that scores every image out of sample")
+    p.add_argument("--seed", type=int, default=0, help="fixes the CV folds")
+    p.add_argument("--folds", type=int, default=5, help="CV folds for the out-of-sample probabilities")
+    p.add_argument("--n-jobs", type=int, default=None, help="parallel hyper-parameter fits (default: 1)")
+    p.add_argument("--dup-threshold", type=float, default=None,
+                   help="cosine at or above which two images are near-duplicates (default: 0.85, calibrated on transformed photos)")
+    p.add_argument("--html", action="store_true", help="also write an HTML gallery of every issue")
+    p.add_argument("--max-gallery", type=int, default=60, help="items per issue type in the HTML gallery")
+    p.add_argument("--out", default=None, help="path stem for .csv/.json/.html (default: <cache>/reports/audit-<dataset>)")
+    _common(p)
+    p.set_defaults(func=cmd_audit)
+
+
+def cmd_audit(args) -> dict:
+    from heads.audit import DUP_THRESHOLD, run_audit
+
+    return run_audit(_cache(args), data=args.data, backbone=args.backbone, head=args.head,
+                     class_weight=None if args.class_weight == "none" else args.class_weight, seed=args.seed,
+                     folds=args.folds, n_jobs=args.n_jobs, out=args.out, html=args.html, max_gallery=args.max_gallery,
+                     threshold=DUP_THRESHOLD if args.dup_threshold is None else args.dup_threshold)
+
+
+AUDIT_COMMANDS = [add_audit]
+# --------------------------------------------------------------------------- end of audit section
 
 
 # --------------------------------------------------------------------------- finetune (issue 4)
@@ -268,7 +308,7 @@ def cmd_demo(args) -> dict:
 
 # --------------------------------------------------------------------------- main
 
-COMMANDS = [add_extract, add_backbones, add_cache, add_demo] + HEAD_COMMANDS + FINETUNE_COMMANDS
+COMMANDS = [add_extract, add_backbones, add_cache, add_demo] + HEAD_COMMANDS + FINETUNE_COMMANDS + AUDIT_COMMANDS
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -6,6 +6,7 @@
     engines/<space_id>-<engine>/                       a converted model (OpenVINO IR + compiled blob)
     heads/<folder>-<hash>/<space_id>/<head>.joblib     heads saved by `fit` (+ .json sidecar)
     reports/compare-<folder>-<hash>.csv|.json          `compare` leaderboards
+    reports/audit-<folder>-<hash>.csv|.json|.html      `audit` findings
 
 Every module asks a :class:`Cache` for a path instead of joining strings. A ``Cache`` is
 ``os.PathLike``, so it can be passed wherever a cache folder is taken. Torch-free, no I/O
@@ -135,3 +136,7 @@ class Cache(os.PathLike):
     def compare_stem(self, index_path: str | os.PathLike) -> Path:
         """``reports/compare-<dataset>``: the leaderboard's .csv/.json stem."""
         return self.reports_dir / f"compare-{Path(index_path).stem}"
+
+    def audit_stem(self, index_path: str | os.PathLike) -> Path:
+        """``reports/audit-<dataset>``: the audit's .csv/.json/.html stem."""
+        return self.reports_dir / f"audit-{Path(index_path).stem}"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from featurize.errors import UserError
 from featurize.layout import Cache
+from heads.audit import exclusion, warn_leaks
 from heads.metrics import format_metrics
 from heads.protocol import evaluate, head_path, load_labelled
 from heads.registry import check_head_name, describe_heads
@@ -32,24 +33,30 @@ class FitOutcome:
     fit_seconds: float
     eval_seconds: float
     load_seconds: float
+    n_train: int = 0
+    exclude_note: str | None = None
 
 
 def fit_head(cache_dir, head="logreg", data=None, backbone=None, out=None, class_weight=None, seed=0, folds=5,
-             n_jobs=None) -> FitOutcome:
-    """Fit ``head`` on the cached features of a dataset and save it; prints nothing.
+             n_jobs=None, exclude=None) -> FitOutcome:
+    """Fit ``head`` on the cached features of a dataset and save it; prints nothing but the
+    split-leak warning (stderr).
 
     Takes the cache, head name, dataset folder and backbone (latest when None), the head file
-    (default under ``<cache>/heads/``) and the protocol options. Raises ``UserError`` for an
+    (default under ``<cache>/heads/``), the protocol options and ``exclude``, a file of images
+    (an audit CSV or a list of paths) left out of training only. Raises ``UserError`` for an
     unknown head, an empty cache or unusable labels.
     """
     check_head_name(head)  # a typo fails before any file is read
     t0 = time.perf_counter()
     lf = load_labelled(cache_dir, data, backbone)
     load_s = time.perf_counter() - t0
+    drop, excluded = exclusion(exclude, lf)
+    leaks = warn_leaks(lf, drop)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter from the extreme ends of the C sweep
         ev = evaluate(head, lf.X, lf.y, lf.splits, lf.paths, class_weight=class_weight, seed=seed, folds=folds,
-                      n_jobs=n_jobs)
+                      n_jobs=n_jobs, exclude=drop)
     backbone_name = lf.space_info.get("backbone", lf.space_id)
     path = Path(out) if out else head_path(cache_dir, lf.index_path, lf.space_id, head)
     meta = {
@@ -59,14 +66,17 @@ def fit_head(cache_dir, head="logreg", data=None, backbone=None, out=None, class
         "preprocess": lf.space_info.get("preprocess"), "classes": ev.classes, "n_images": int(len(lf.y)),
         "metrics": ev.metrics, "best_params": ev.best_params,
         "timings": {"load_s": round(load_s, 3), "fit_s": round(ev.fit_seconds, 3), "eval_s": round(ev.eval_seconds, 3)},
-        "errors": ev.errors,
+        "errors": ev.errors, "n_train": ev.n_train, "exclude": excluded, "split_leaks": leaks,
     }
     saved = save_head(path, ev.estimator, meta)
     summary = {"head": head, "resolved": ev.resolved, "dataset": lf.root, "backbone": backbone_name,
                "space_id": lf.space_id, "protocol": ev.protocol, "classes": ev.classes, "metrics": ev.metrics,
-               "best_params": ev.best_params, "timings": meta["timings"],
+               "best_params": ev.best_params, "timings": meta["timings"], "n_train": ev.n_train,
+               "exclude": {k: v for k, v in excluded.items() if k != "note"} if excluded else None,
+               "split_leaks": leaks,
                "paths": {"model": saved["path"], "meta": saved["meta_path"]}, "sha256": saved["sha256"]}
-    return FitOutcome(summary, lf.root, int(len(lf.y)), ev.fit_seconds, ev.eval_seconds, load_s)
+    return FitOutcome(summary, lf.root, int(len(lf.y)), ev.fit_seconds, ev.eval_seconds, load_s, ev.n_train,
+                      excluded["note"] if excluded else None)
 
 
 def format_fit(o: FitOutcome) -> str:
@@ -74,10 +84,12 @@ def format_fit(o: FitOutcome) -> str:
     s = o.summary
     alias = f" ({s['resolved']})" if s["resolved"] != s["head"] else ""
     how = "fit on train, scored on " + "/".join(s["metrics"]) if s["protocol"] == "split" else \
-        f"stratified {s['protocol'][3:]}-fold CV (mean +/- std), final head fit on all {o.n_images} images"
+        f"stratified {s['protocol'][3:]}-fold CV (mean +/- std), final head fit on " \
+        f"{'all ' if o.n_train == o.n_images else ''}{o.n_train} images"
     return "\n".join([
         f"head {s['head']}{alias} | {o.root} | backbone {s['backbone']} ({s['space_id']}) | {o.n_images} images, "
         f"{len(s['classes'])} classes | {how}",
+        *([o.exclude_note] if o.exclude_note else []),
         format_metrics(s["metrics"]),
         f"best hyper-parameters (inner CV on training data): {json.dumps(s['best_params'], default=str)}",
         f"fit time: {o.fit_seconds:.2f} s (final head)  | protocol total {o.eval_seconds:.2f} s  | "
@@ -87,33 +99,39 @@ def format_fit(o: FitOutcome) -> str:
 
 
 def run_fit(cache_dir, head="logreg", data=None, backbone=None, out=None, class_weight=None, seed=0, folds=5,
-            n_jobs=None) -> dict:
+            n_jobs=None, exclude=None) -> dict:
     """Fit ``head`` on the cached features of a dataset, print its metrics and save it; returns a summary.
 
-    ``head="list"`` prints the registered heads with their descriptions instead.
+    ``head="list"`` prints the registered heads with their descriptions instead. ``exclude``
+    is a file of images left out of training only (see :func:`fit_head`).
     """
     if head == "list":
         heads = describe_heads()
         for name, text in heads.items():
             print(f"{name:<12}{text}")
         return {"heads": heads}
-    outcome = fit_head(cache_dir, head, data, backbone, out, class_weight, seed, folds, n_jobs)
+    outcome = fit_head(cache_dir, head, data, backbone, out, class_weight, seed, folds, n_jobs, exclude)
     print(format_fit(outcome))
     return outcome.summary
 
 
 def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, class_weight=None, seed=0, folds=5,
-                n_jobs=None, quiet=False) -> dict:
-    """Run the leaderboard, print it and write CSV + JSON; returns the rows and file paths."""
+                n_jobs=None, quiet=False, exclude=None) -> dict:
+    """Run the leaderboard, print it and write CSV + JSON; returns the rows and file paths.
+
+    ``exclude`` is a file of images left out of training only (see :func:`fit_head`).
+    """
     from featurize.cache import find_index
     from heads.compare import compare, format_leaderboard, write_leaderboard
 
     ipath, _ = find_index(cache_dir, data)
     result = compare(cache_dir, data, heads, backbones, class_weight=class_weight, seed=seed, folds=folds,
-                     n_jobs=n_jobs, log=not quiet)
+                     n_jobs=n_jobs, log=not quiet, exclude=exclude)
     stem = Path(out) if out else Cache.of(cache_dir).compare_stem(ipath)
     paths = write_leaderboard(result, stem)
     print(f"leaderboard for {result['dataset']} ({len(result['rows'])} runs, {result['seconds']:.1f} s)")
+    if result.get("exclude"):
+        print(result["exclude"].pop("note"))
     print(format_leaderboard(result))
     print(f"written: {paths['csv']}  {paths['json']}")
     if result["rows"]:  # compare keeps no heads: the last line is the command that saves the winner
@@ -124,6 +142,8 @@ def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, clas
                 "--cache", str(cache_dir), "--seed", str(seed), "--folds", str(folds)]
         if class_weight:
             argv += ["--class-weight", class_weight]
+        if exclude:
+            argv += ["--exclude", str(exclude)]
         print(f"best: {best['head']} on {which}; to save it:")
         print(" ".join(map(shlex.quote, argv)))
     return {**result, "paths": paths}
@@ -180,8 +200,11 @@ def run_predict(cache_dir, inputs, head="logreg", model=None, data=None, backbon
     # which head answers matters: without --model it is the one fit on the latest extracted dataset
     print(f"using head {meta.get('head')} ({path}): fit on {meta.get('dataset', '?')} with backbone "
           f"{meta.get('backbone', '?')} (space {sid})", file=sys.stderr)
+    from heads.audit import novelty_for
+
+    novelty = novelty_for(cache_dir, meta)  # None when the cache no longer holds the training rows
     rows, bad = predict_files(estimator, meta, files, cache_dir,
-                              embed=(lambda paths: embed(sid, paths)) if embed else None, top_k=top_k)
+                              embed=(lambda paths: embed(sid, paths)) if embed else None, top_k=top_k, novelty=novelty)
     n_inputs = len(files) + len(errors)  # files found + paths that do not exist
     errors += bad
     for p, reason in errors:
@@ -189,6 +212,11 @@ def run_predict(cache_dir, inputs, head="logreg", model=None, data=None, backbon
     skipped = [{"path": p, "reason": r} for p, r in errors]
     if rows:
         print(json.dumps(rows, indent=1) if fmt == "json" else format_rows(rows, fmt))
+    odd = [r["path"] for r in rows if r.get("unlike_training")]
+    if odd:
+        print(f"note: {len(odd)} of {len(rows)} images are unlike the training data (farther from its nearest "
+              f"images than the audit's outlier fence {novelty.cutoff:.3f}), e.g. {odd[0]}: their labels are guesses",
+              file=sys.stderr)
     if not rows:
         raise UserError(f"none of the {n_inputs} inputs could be classified (see the skipped lines); "
                         "pass readable image files", details={"errors": skipped})

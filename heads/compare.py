@@ -18,13 +18,14 @@ COLUMNS = ("rank", "backbone", "head", "protocol", "scored_on", "accuracy", "acc
 
 
 def compare(cache_dir, data=None, heads=None, backbones=None, *, class_weight=None, seed=0, folds=5, n_jobs=None,
-            log=True) -> dict:
+            log=True, exclude=None) -> dict:
     """Evaluate each head on each feature space of a dataset and rank them.
 
     Takes the cache dir, dataset folder (latest when None), head names (all distinct heads
     when None; the ``svm`` alias is covered by ``svm-linear``/``svm-rbf``), backbones (every
-    cached one when None) and the protocol options. Returns ``{"dataset", "rows", "seconds"}``
-    with rows sorted best first. Raises ``UserError`` for unknown heads or backbones.
+    cached one when None), the protocol options and ``exclude`` (a file of images left out of
+    training only). Returns ``{"dataset", "rows", "seconds", "exclude", "split_leaks"}`` with
+    rows sorted best first. Raises ``UserError`` for unknown heads or backbones.
     """
     from featurize.cache import find_index, resolve_space
 
@@ -35,16 +36,21 @@ def compare(cache_dir, data=None, heads=None, backbones=None, *, class_weight=No
         sorted(index.extractions, key=lambda s: -index.extractions[s].get("finished_at", 0))
     if not spaces:
         raise UserError(f"{index.root} has no finished extraction in {cache_dir}; run `extract {index.root}`")
-    candidates, data_of = [], {}
-    for sid in spaces:
+    from heads.audit import exclusion, warn_leaks
+
+    candidates, data_of, drop_of, excluded, leaks = [], {}, {}, None, 0
+    for n_space, sid in enumerate(spaces):
         lf = load_labelled(cache_dir, data if data is not None else index.root, sid)
         data_of[sid] = lf
+        drop_of[sid], excluded = exclusion(exclude, lf)
+        if n_space == 0:  # the images are the same in every space: warn once
+            leaks = warn_leaks(lf, drop_of[sid])
         candidates += [(sid, h) for h in heads]
     n_rows = max(len(lf.y) for lf in data_of.values())
     # candidates are independent: one per core for large data, each fit with capped BLAS threads
     jobs = plan_jobs(n_jobs, len(candidates), n_rows)
     tasks = [(h, data_of[sid].X, data_of[sid].y, data_of[sid].splits, data_of[sid].paths, class_weight, seed, folds,
-              1 if jobs > 1 else n_jobs) for sid, h in candidates]
+              1 if jobs > 1 else n_jobs, drop_of[sid]) for sid, h in candidates]
     bar = Progress("compare", len(candidates), after=0.0 if log else None)
 
     def done(i, ev):
@@ -67,15 +73,16 @@ def compare(cache_dir, data=None, heads=None, backbones=None, *, class_weight=No
     rows.sort(key=lambda r: (-(r["accuracy"] or 0), -(r["balanced_accuracy"] or 0), r["eval_s"]))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
-    return {"dataset": index.root, "rows": rows, "seconds": round(time.perf_counter() - t0, 2)}
+    return {"dataset": index.root, "rows": rows, "seconds": round(time.perf_counter() - t0, 2), "exclude": excluded,
+            "split_leaks": leaks}
 
 
-def _score(head, X, y, splits, paths, class_weight, seed, folds, n_jobs):
+def _score(head, X, y, splits, paths, class_weight, seed, folds, n_jobs, exclude=None):
     """One leaderboard candidate (runs in a worker for large data); the fitted head is not kept."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter from the sweep's extreme C values
         ev = evaluate(head, X, y, splits, paths, class_weight=class_weight, seed=seed, folds=folds, n_jobs=n_jobs,
-                      progress=False)
+                      progress=False, exclude=exclude)
     ev.estimator = None  # compare keeps no heads: do not ship them back from the workers
     return ev
 

@@ -30,13 +30,16 @@ def cached_vectors(cache_dir, space_id: str, paths: list[str]):
     return found, missing, errors
 
 
-def predict_files(estimator, meta: dict, paths: list[str], cache_dir, embed: Embed | None = None, top_k: int = 3):
+def predict_files(estimator, meta: dict, paths: list[str], cache_dir, embed: Embed | None = None, top_k: int = 3,
+                  novelty=None):
     """Predict a label, its probability and the top-k classes for each file.
 
     Takes the fitted head, its meta (``space_id``), file paths, the cache dir, an optional
-    embedder for files not in the cache, and k. Returns ``(rows, errors)``: rows in input
-    order ``{path, label, probability, top_k: [[label, p], ...]}`` and ``[(path, reason)]``
-    for files that could not be read or decoded. Never raises for a bad image.
+    embedder for files not in the cache, k, and an optional ``heads.audit.Novelty`` of the
+    training rows. Returns ``(rows, errors)``: rows in input order ``{path, label,
+    probability, top_k: [[label, p], ...]}`` (plus ``novelty``, the mean cosine distance to
+    the nearest training images, and ``unlike_training`` when a Novelty is given) and
+    ``[(path, reason)]`` for files that could not be read or decoded. Never raises for a bad image.
     """
     found, missing, errors = cached_vectors(cache_dir, meta["space_id"], paths)
     if missing and embed is not None:
@@ -52,7 +55,11 @@ def predict_files(estimator, meta: dict, paths: list[str], cache_dir, embed: Emb
     if not ordered:
         return [], errors
     X = np.vstack([found[p] for p in ordered]).astype(np.float32)
-    return rows_from_proba(ordered, estimator.predict_proba(X), estimator.classes_, top_k), errors
+    rows = rows_from_proba(ordered, estimator.predict_proba(X), estimator.classes_, top_k)
+    if novelty is not None:  # a flag, not a refusal: the label is still given
+        for r, far in zip(rows, novelty.score(X)):
+            r.update(novelty=round(float(far), 4), unlike_training=bool(far > novelty.cutoff))
+    return rows, errors
 
 
 def rows_from_proba(paths: list[str], proba, classes, top_k: int = 3) -> list[dict]:
@@ -72,15 +79,18 @@ def format_rows(rows: list[dict], fmt: str = "table") -> str:
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "label", "probability", "top_k"])
+        flag = "unlike_training" in rows[0]
+        w.writerow(["path", "label", "probability", "top_k"] + (["novelty", "unlike_training"] if flag else []))
         for r in rows:
             w.writerow([r["path"], r["label"], f"{r['probability']:.4f}",
-                        ";".join(f"{lab}:{p:.4f}" for lab, p in r["top_k"])])
+                        ";".join(f"{lab}:{p:.4f}" for lab, p in r["top_k"])]
+                       + ([f"{r['novelty']:.4f}", "yes" if r["unlike_training"] else "no"] if flag else []))
         return buf.getvalue().rstrip("\n")
     width = min(60, max([len(r["path"]) for r in rows] + [4]))
     lines = [f"{'path':<{width}}  {'label':<16}{'prob':>7}  top-k"]
     for r in rows:
         path = r["path"] if len(r["path"]) <= width else "..." + r["path"][-(width - 3):]
         top = ", ".join(f"{lab} {p:.2f}" for lab, p in r["top_k"])
-        lines.append(f"{path:<{width}}  {r['label'][:16]:<16}{r['probability']:>7.3f}  {top}")
+        odd = "  [unlike the training data]" if r.get("unlike_training") else ""
+        lines.append(f"{path:<{width}}  {r['label'][:16]:<16}{r['probability']:>7.3f}  {top}{odd}")
     return "\n".join(lines)

@@ -103,6 +103,7 @@ class Evaluation:
     eval_seconds: float  # the whole protocol, final fit included
     best_params: dict
     errors: list  # misclassified held-out rows: {path, true, pred, prob}
+    n_train: int = 0  # rows the final head was fit on (after --exclude)
 
 
 def _proba(est, X):
@@ -143,24 +144,28 @@ def _fit_fold(head, X, y, tr, te, class_weight, seed, n_jobs):
 
 
 def evaluate(head: str, X, y, splits=None, paths=None, *, class_weight=None, seed: int = 0, folds: int = 5,
-             n_jobs=None, progress: bool = True) -> Evaluation:
+             n_jobs=None, progress: bool = True, exclude=None) -> Evaluation:
     """Run the protocol for one head and return an ``Evaluation`` holding the final fitted head.
 
     Takes the head name, features ``X`` (n, d), labels ``y``, split names (``''`` when
-    none), file paths (for the error gallery), class weighting, seed, and the number of
-    outer folds. The outer folds and the final fit run side by side on the cores for large
-    data (``heads.parallel``; same results as one at a time); ``progress`` prints a line per
-    finished fold on stderr once the run is long. Raises ``UserError`` for an unknown head or
-    unusable labels.
+    none), file paths (for the error gallery), class weighting, seed, the number of outer
+    folds, and ``exclude``, a boolean mask of rows never trained on (``--exclude``): they
+    are still scored when held out, so the metric covers the same images. The outer folds
+    and the final fit run side by side on the cores for large data (``heads.parallel``; same
+    results as one at a time); ``progress`` prints a line per finished fold on stderr once
+    the run is long. Raises ``UserError`` for an unknown head or unusable labels.
     """
     check_head_name(head)
     X, y = np.asarray(X), np.asarray(y).astype(str)
     splits = np.asarray(splits if splits is not None else [""] * len(y)).astype(str)
     paths = np.asarray(paths if paths is not None else [""] * len(y)).astype(str)
     check_labels(y, splits, folds)
+    exclude = np.zeros(len(y), bool) if exclude is None else np.asarray(exclude, bool)
+    if exclude.any():
+        check_labels(y[~exclude], splits[~exclude], folds)  # what is left must still train every class
     t0 = time.perf_counter()
     if has_split(splits):
-        train = splits == "train"
+        train = (splits == "train") & ~exclude
         classes = sorted(set(y[train]))
         est = make_head(head, class_weight=class_weight, seed=seed, n_samples=int(train.sum()), n_jobs=n_jobs)
         t = time.perf_counter()
@@ -180,8 +185,9 @@ def evaluate(head: str, X, y, splits=None, paths=None, *, class_weight=None, see
 
         classes = sorted(set(y))
         k = min(folds, int(np.unique(y, return_counts=True)[1].min()))
-        outer = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, y))
-        everything = np.arange(len(y))
+        outer = [(tr[~exclude[tr]], te) for tr, te in StratifiedKFold(n_splits=k, shuffle=True,
+                                                                         random_state=seed).split(X, y)]
+        everything = np.flatnonzero(~exclude)
         jobs = plan_jobs(n_jobs, k + 1, len(y))
         inner_jobs = 1 if jobs > 1 else n_jobs  # no workers inside workers
         # the k outer folds and the final head on all rows are independent: one task each
@@ -206,11 +212,11 @@ def evaluate(head: str, X, y, splits=None, paths=None, *, class_weight=None, see
         metrics = {"cv": pooled}
         errors = _misclassified(paths, y, pred, proba, classes, "cv")
         est, _, _, fit_s = results[k]
-        protocol, n_train = f"cv-{k}", len(y)
+        protocol, n_train = f"cv-{k}", int(len(everything))
     return Evaluation(
         head=head, resolved=resolve_alias(head, n_train), protocol=protocol, metrics=metrics, estimator=est,
         classes=classes, fit_seconds=fit_s, eval_seconds=time.perf_counter() - t0,
-        best_params=best_params(est), errors=errors,
+        best_params=best_params(est), errors=errors, n_train=n_train,
     )
 
 

@@ -1,0 +1,206 @@
+"""Measure `audit` on the shared datasets: label-error precision/recall on flipped flowers labels,
+near-duplicate recall/false rate on transformed copies, leakage found in chest X-ray and TrashNet,
+and what `fit --exclude` changes. Prints markdown tables and writes benchmarks/results_audit.json.
+
+Prepare the derived datasets and extract them first (vectors are reused by content hash):
+
+    python benchmarks/audit_data.py --out /tmp/i12
+    for d in flowers_flip05 flowers_flip10 flowers_dups; do python cli.py extract /tmp/i12/$d --cache CACHE; done
+    python benchmarks/bench_audit.py --cache CACHE --scratch /tmp/i12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+def label_errors(cache, scratch, rate: str, head: str) -> dict:
+    from heads.audit import audit
+
+    flipped = {x["path"] for x in json.loads((scratch / f"flowers_flip{rate}.json").read_text())}
+    t = time.perf_counter()
+    r = audit(cache, scratch / f"flowers_flip{rate}", head=head)
+    wall = time.perf_counter() - t
+    got = {x["path"] for x in r["rows"] if x["issue"] == "label"}
+    tp = len(flipped & got)
+    return {"rate": int(rate), "head": head, "flipped": len(flipped), "flagged": len(got), "true_positives": tp,
+            "precision": round(tp / max(1, len(got)), 3), "recall": round(tp / len(flipped), 3),
+            "estimated_noise_rate": r["label_issues"]["estimated_noise_rate"], "wall_s": round(wall, 1)}
+
+
+def duplicates(cache, scratch, thresholds) -> dict:
+    from featurize.cache import find_index, load_features, resolve_space
+    from heads.audit import DUP_THRESHOLD, similarity_pass, unit_rows
+
+    copies = json.loads((scratch / "flowers_dups.json").read_text())
+    ip, idx = find_index(cache, scratch / "flowers_dups")
+    X, _, _, paths = load_features(cache, idx, resolve_space(cache, idx))
+    paths = [str(p) for p in paths]
+    row = {p: i for i, p in enumerate(paths)}
+    source = np.arange(len(paths))
+    for cp, orig in copies.items():
+        source[row[cp]] = row[orig]
+    U = unit_rows(X)
+    pairs, sims, _ = similarity_pass(U, min(thresholds), 0)
+    planted = {(min(row[o], row[c]), max(row[o], row[c])): c.split("/")[1].split("-")[1] for c, o in copies.items()}
+    out = []
+    for t in sorted(thresholds):
+        keep = sims >= t
+        p, s = pairs[keep], sims[keep]
+        found = {tuple(x) for x in p.tolist()}
+        same = source[p[:, 0]] == source[p[:, 1]]
+        identical = s > 0.9999  # byte-identical files already in flowers (2 pairs)
+        false = ~same & ~identical
+        among_originals = false & ~np.isin(p[:, 0], list(row[c] for c in copies)) & \
+            ~np.isin(p[:, 1], list(row[c] for c in copies))
+        by_kind = {}
+        for k in ("jpeg50", "half", "crop90", "rot5"):
+            want = [pr for pr, kind in planted.items() if kind == k]
+            by_kind[k] = round(sum(pr in found for pr in want) / len(want), 3)
+        out.append({"threshold": t, "default": t == DUP_THRESHOLD,
+                    "recall": round(sum(pr in found for pr in planted) / len(planted), 3), "recall_by_transform": by_kind,
+                    "reported_pairs": int(len(p)), "false_pairs": int(false.sum()),
+                    "false_rate": round(float(false.mean()) if len(p) else 0.0, 4),
+                    "false_pairs_between_original_photos": int(among_originals.sum()),
+                    "false_examples": [[paths[a], paths[b], round(float(x), 3)]
+                                       for (a, b), x in zip(p[false][:60].tolist(), s[false][:60])]})
+    return {"copies": len(copies), "sources": len(set(copies.values())), "curve": out}
+
+
+PATIENT = re.compile(r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)")
+
+
+def chest_leakage(cache) -> dict:
+    from heads.audit import audit
+
+    data = SHARED / "chest_xray"
+    r = audit(cache, data)
+    groups = [g for g in r["near_duplicates"]["groups"] if g["cross_split"]]
+    pairs = same_patient = 0
+    for g in groups:
+        tr = [p for p, s in zip(g["members"], g["splits"]) if s == "train"]
+        te = [p for p, s in zip(g["members"], g["splits"]) if s != "train"]
+        for a in tr:
+            for b in te:
+                pairs += 1
+                pa, pb = PATIENT.match(Path(a).name), PATIENT.match(Path(b).name)
+                same_patient += bool(pa and pb and pa.group(1) == pb.group(1))
+    # ground truth from the file names: patients with images in both splits
+    ids = {"train": set(), "test": set()}
+    for p in data.glob("*/*/*"):
+        m = PATIENT.match(p.name)
+        if m:
+            ids[p.parts[-3]].add(m.group(1))
+    both = ids["train"] & ids["test"]
+    return {"cross_split_groups": len(groups), "cross_split_pairs": pairs, "pairs_sharing_patient_id": same_patient,
+            "patients_in_both_splits_by_name": len(both), "near_duplicate_groups": r["near_duplicates"]["n_groups"],
+            "near_duplicate_pairs": r["near_duplicates"]["n_pairs"],
+            "examples": [{"members": g["members"], "max_cosine": g["max_cosine"]} for g in groups[:5]],
+            "label_issues": r["label_issues"]["n"], "outliers": r["outliers"]["n"], "timings": r["timings"]}
+
+
+def trashnet(cache) -> dict:
+    from heads.audit import audit
+
+    r = audit(cache, SHARED / "trashnet")
+    nd = r["near_duplicates"]
+    cross = [g for g in nd["groups"] if g["cross_label"]]
+    return {"near_duplicate_groups": nd["n_groups"], "near_duplicate_pairs": nd["n_pairs"], "images": nd["n_images"],
+            "cross_label_groups": len(cross),
+            "cross_label_examples": [{"members": g["members"], "labels": g["labels"], "max_cosine": g["max_cosine"]}
+                                     for g in cross[:8]],
+            "label_issues": r["label_issues"]["n"], "estimated_noise_rate": r["label_issues"]["estimated_noise_rate"],
+            "outliers": r["outliers"]["n"], "timings": r["timings"]}
+
+
+def exclude_effect(cache, scratch, head: str) -> dict:
+    """CV accuracy on flowers with 10 % flipped labels, trained with and without the flagged images.
+
+    Scored two ways on the same out-of-fold predictions: against the given (noisy) labels, as
+    `fit` reports, and against the true labels (known here because we flipped them).
+    """
+    import csv
+    import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    from heads.audit import audit, read_exclude
+    from heads.protocol import load_labelled
+    from heads.registry import make_head
+
+    data = scratch / "flowers_flip10"
+    r = audit(cache, data, head=head)
+    lf = load_labelled(cache, data)
+    truth = {x["path"]: x["true"] for x in json.loads((scratch / "flowers_flip10.json").read_text())}
+    y_true = np.array([truth.get(p, y) for p, y in zip(lf.paths, lf.y)])
+    csv_path = scratch / "flip10-label-issues.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path"])
+        w.writerows([[x["path"]] for x in r["rows"] if x["issue"] == "label"])
+    label_only, _ = read_exclude(csv_path, lf.root, lf.paths)
+    all_rows = np.isin(lf.paths, [x["path"] for x in r["rows"]])
+    out = {}
+    for name, drop in (("none", np.zeros(len(lf.y), bool)), ("label issues", label_only), ("whole audit CSV", all_rows)):
+        pred = np.empty(len(lf.y), dtype=object)
+        for tr, te in StratifiedKFold(5, shuffle=True, random_state=0).split(lf.X, lf.y):
+            tr = tr[~drop[tr]]
+            est = make_head(head, n_samples=len(tr))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                est.fit(lf.X[tr], lf.y[tr])
+            pred[te] = est.predict(lf.X[te])
+        out[name] = {"excluded": int(drop.sum()), "acc_given_labels": round(float(np.mean(pred == lf.y)), 4),
+                     "acc_true_labels": round(float(np.mean(pred == y_true)), 4)}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--scratch", default="/tmp/i12")
+    ap.add_argument("--head", default="logreg")
+    ap.add_argument("--only", default="labels,dups,chest,trash,exclude")
+    a = ap.parse_args()
+    cache, scratch, only = a.cache, Path(a.scratch), a.only.split(",")
+    res = {}
+    if "labels" in only:
+        res["label_errors"] = [label_errors(cache, scratch, r, a.head) for r in ("05", "10")]
+        print("| flipped | flagged | precision | recall | cleanlab noise estimate |\n|---|---|---|---|---|")
+        for x in res["label_errors"]:
+            print(f"| {x['rate']} % ({x['flipped']}) | {x['flagged']} | {x['precision']:.3f} | {x['recall']:.3f} | "
+                  f"{100 * x['estimated_noise_rate']:.1f} % |")
+    if "dups" in only:
+        res["duplicates"] = duplicates(cache, scratch, [0.75, 0.80, 0.85, 0.90, 0.95])
+        print("| threshold | recall | jpeg50 | half | crop90 | rot5 | reported pairs | false | of which between original photos |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for x in res["duplicates"]["curve"]:
+            k = x["recall_by_transform"]
+            print(f"| {x['threshold']:.2f}{' (default)' if x['default'] else ''} | {x['recall']:.3f} | {k['jpeg50']} | "
+                  f"{k['half']} | {k['crop90']} | {k['rot5']} | {x['reported_pairs']} | {x['false_pairs']} "
+                  f"({100 * x['false_rate']:.1f} %) | {x['false_pairs_between_original_photos']} |")
+    if "chest" in only:
+        res["chest_xray"] = chest_leakage(cache)
+        print(json.dumps({k: v for k, v in res["chest_xray"].items() if k != "examples"}))
+    if "trash" in only:
+        res["trashnet"] = trashnet(cache)
+        print(json.dumps({k: v for k, v in res["trashnet"].items() if k != "cross_label_examples"}))
+    if "exclude" in only:
+        res["exclude"] = exclude_effect(cache, scratch, a.head)
+        print(json.dumps(res["exclude"]))
+    out = ROOT / "benchmarks" / "results_audit.json"
+    old = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps({**old, **res}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

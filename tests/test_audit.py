@@ -1,0 +1,163 @@
+"""`audit` and `fit/compare --exclude` on real HDF5 caches with planted problems.
+
+The planted cache: three classes of Gaussian blobs (real PNG files, so the gallery has
+thumbnails), plus one flipped label, one near-duplicate (a copy of another image's vector
+with tiny noise), one outlier, and a `stranger` file embedded in the cache but not in the
+dataset (for predict's novelty flag).
+"""
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cachebuild import blobs, build_cache, write_png
+from conftest import last_json, run_cli
+from featurize.cache import DatasetIndex, FeatureSpace, content_hash, index_path, write_index
+
+SPACE = "tiny-000000000001"
+DIM = 64
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {"FEATURIZE_HOME": str(tmp_path / "home"), "FEATURIZE_CACHE": str(tmp_path / "nocache")}
+
+
+def planted(tmp_path, split: bool = False):
+    """Write the planted dataset; returns (cache, root, {role: root-relative path})."""
+    cache, root = tmp_path / "c", tmp_path / "data"
+    X, codes = blobs([14, 14, 14], dim=DIM, sep=12.0, seed=1)
+    labels = np.array(["a", "b", "c"])[codes]
+    splits = np.array(["train" if i % 14 < 10 else "test" for i in range(len(X))]) if split else np.array([""] * len(X))
+    rng = np.random.default_rng(5)
+    roles = {}
+    labels[3] = "b"  # planted: an image of class a labelled b (a training row)
+    roles["flipped"] = 3
+    X = np.vstack([X, X[12] + 0.01 * rng.normal(size=DIM)])  # a near-copy of a test image of class a ...
+    labels, splits = np.append(labels, "a"), np.append(splits, "train" if split else "")  # ... put in train
+    roles["copy"], roles["original"] = len(X) - 1, 12
+    far = -6.0 * X[:42].mean(axis=0) / np.linalg.norm(X[:42].mean(axis=0)) + rng.normal(size=DIM)
+    X = np.vstack([X, far])
+    labels, splits = np.append(labels, "c"), np.append(splits, "train" if split else "")
+    roles["outlier"] = len(X) - 1
+    rels, hashes = [], []
+    for i, (lab, sp) in enumerate(zip(labels, splits)):
+        rel = (Path(sp) if sp else Path()) / lab / f"img{i:03d}.png"
+        hashes.append(content_hash(write_png(root / rel, 1000 + i, size=16)))
+        rels.append(rel.as_posix())
+    stranger = write_png(tmp_path / "new" / "stranger.png", 99, size=16)
+    space = FeatureSpace(cache, SPACE)
+    space.create({"backbone": "tiny"}, DIM)
+    space.write_shard(hashes + [content_hash(stranger)], np.vstack([X, 2 * far]).astype(np.float32))
+    n = len(X)
+    write_index(index_path(cache, root), DatasetIndex(
+        root=str(root), layout="split" if split else "folder", path=rels, label=list(labels), split=list(splits),
+        hash=hashes, size=[1] * n, mtime_ns=[0] * n, status=["ok"] * n,
+        extractions={SPACE: {"backbone": "tiny", "finished_at": time.time()}}))
+    return cache, root, {k: rels[i] for k, i in roles.items()} | {"stranger": str(stranger)}
+
+
+def test_audit_finds_planted_issues_and_writes_csv_json_html(tmp_path, env):
+    cache, root, roles = planted(tmp_path)
+    p = run_cli("audit", "--cache", cache, "--head", "centroid", "--html", "--json", env=env, check=0)
+    out = last_json(p)
+    with open(out["paths"]["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["issue"], r["path"]): r for r in rows}
+    flipped = by[("label", roles["flipped"])]
+    assert (flipped["label"], flipped["suggested"]) == ("b", "a")
+    assert out["label_issues"]["n"] <= 3 and out["label_issues"]["per_class"]["b"] >= 1
+    # the copy and its original form one group; one of them is listed with the other as partner
+    dup = [r for r in rows if r["issue"] == "near_duplicate"]
+    assert len(dup) == 1 and {dup[0]["path"], dup[0]["partner"]} == {roles["copy"], roles["original"]}
+    assert float(dup[0]["score"]) > 0.99 and dup[0]["cross_label"] == "0"
+    assert [r["path"] for r in rows if r["issue"] == "outlier"] == [roles["outlier"]]
+    assert out["near_duplicates"]["n_pairs"] == 1 and out["outliers"]["n"] == 1
+    full = json.loads(Path(out["paths"]["json"]).read_text())
+    assert len(full["rows"]) == len(rows) and full["near_duplicates"]["groups"][0]["max_cosine"] > 0.99
+    assert "suspected label errors: " in p.stdout and "near-duplicates (cosine >= 0.85): 1 pairs" in p.stdout
+    page = Path(out["paths"]["html"]).read_text()
+    assert page.count("data:image/jpeg;base64,") == len(rows) + 1  # the kept original is shown beside its copy
+    assert str(root / roles["flipped"]) in page and "(image missing)" not in page and 'href="file://' in page
+
+
+def test_split_leak_warning_and_exclude_is_training_only(tmp_path, env):
+    cache, root, roles = planted(tmp_path, split=True)
+    p = run_cli("fit", "--head", "centroid", "--cache", cache, "--json", env=env, check=0)
+    warn = [ln for ln in p.stderr.splitlines() if ln.startswith("warning: ")]
+    assert len(warn) == 1 and "1 of 12 held-out images have a near-duplicate in train" in warn[0]
+    assert roles["copy"] in warn[0] and roles["original"] in warn[0]
+    full = last_json(p)
+
+    # list the training copy, a held-out image (still scored) and a path the dataset does not have
+    excl = tmp_path / "exclude.txt"
+    excl.write_text(f"{roles['copy']}\n{root / roles['original']}\nnot/there.png\n")
+    p = run_cli("fit", "--head", "centroid", "--cache", cache, "--exclude", excl, "--json", env=env, check=0)
+    out = last_json(p)
+    assert not [ln for ln in p.stderr.splitlines() if ln.startswith("warning: ")]  # the leak is gone
+    assert out["metrics"]["test"]["n"] == full["metrics"]["test"]["n"] == 12
+    assert out["exclude"] == {"file": str(excl), "excluded": 1, "unknown": ["not/there.png"]}
+    assert out["n_train"] == full["n_train"] - 1
+    assert "excluded 1 training images" in p.stdout and "not/there.png" in p.stdout
+
+    # compare takes the same option and says so
+    p = run_cli("compare", "--heads", "centroid", "--cache", cache, "--exclude", excl, "--json", env=env, check=0)
+    assert last_json(p)["exclude"]["excluded"] == 1 and "excluded 1 training images" in p.stdout
+
+
+def test_exclude_in_cv_scores_every_image_and_audit_csv_is_accepted(tmp_path, env):
+    cache, root, roles = planted(tmp_path)
+    audit = last_json(run_cli("audit", "--cache", cache, "--head", "centroid", "--json", env=env, check=0))
+    p = run_cli("fit", "--head", "centroid", "--cache", cache, "--exclude", audit["paths"]["csv"], "--json", env=env,
+                check=0)
+    out = last_json(p)
+    n_flagged = audit["n_flagged_images"]
+    assert out["exclude"]["excluded"] == n_flagged >= 3 and out["exclude"]["unknown"] == []
+    assert out["metrics"]["cv"]["n"] == 44 and out["n_train"] == 44 - n_flagged
+
+
+def test_predict_flags_inputs_unlike_the_training_data(tmp_path, env):
+    cache, root, roles = planted(tmp_path)
+    run_cli("fit", "--head", "logreg", "--cache", cache, env=env, check=0)
+    p = run_cli("predict", roles["stranger"], root / roles["original"], "--format", "csv", "--cache", cache, "--json",
+                env=env, check=0)
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(p.stdout.strip().splitlines()[:-1])}
+    assert rows["stranger.png"]["unlike_training"] == "yes" and rows["img012.png"]["unlike_training"] == "no"
+    preds = {Path(r["path"]).name: r for r in last_json(p)["predictions"]}
+    assert preds["stranger.png"]["novelty"] > preds["img012.png"]["novelty"]
+
+
+@pytest.mark.parametrize("kind,fix", [("unlabelled", "<class>"), ("one_class", "at least 2 class folders"),
+                                      ("exclude_unreadable", "cannot read the exclude file")])
+def test_bad_input_one_line(tmp_path, capsys, kind, fix):
+    import cli  # in-process (same main() as the console script): these fail before any work
+
+    if kind == "exclude_unreadable":
+        build_cache(tmp_path / "c", tmp_path / "d", ["x", "y"], [6, 6])
+        argv = ["fit", "--head", "centroid", "--exclude", str(tmp_path / "nope.csv")]
+    else:
+        build_cache(tmp_path / "c", tmp_path / "d", ["x"], [8], unlabelled=kind == "unlabelled")
+        argv = ["audit"]
+    assert cli.main(argv + ["--cache", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("Error: ") and fix in err
+
+
+def test_similarity_pass_matches_brute_force_across_blocks():
+    from heads.audit import similarity_pass, unit_rows
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 8))
+    X[30] = X[4] + 1e-3  # a pair that straddles two blocks
+    U = unit_rows(X)
+    pairs, sims, topk = similarity_pass(U, 0.6, 3, block=16)
+    S = U @ U.T
+    np.fill_diagonal(S, -np.inf)
+    want = {(i, j) for i in range(50) for j in range(i + 1, 50) if S[i, j] >= 0.6}
+    assert {tuple(p) for p in pairs.tolist()} == want and (4, 30) in want
+    assert np.all(np.diff(sims) <= 0)
+    np.testing.assert_allclose(topk, -np.sort(-S, axis=1)[:, :3], rtol=1e-5)
