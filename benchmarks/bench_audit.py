@@ -39,7 +39,7 @@ def label_errors(cache, scratch, rate: str, head: str) -> dict:
 
 def duplicates(cache, scratch, thresholds) -> dict:
     from featurize.cache import find_index, load_features, resolve_space
-    from heads.audit import DUP_THRESHOLD, similarity_pass, unit_rows
+    from heads.audit import DUP_THRESHOLD, dup_rows, groups_of, similarity_pass
 
     copies = json.loads((scratch / "flowers_dups.json").read_text())
     ip, idx = find_index(cache, scratch / "flowers_dups")
@@ -49,7 +49,7 @@ def duplicates(cache, scratch, thresholds) -> dict:
     source = np.arange(len(paths))
     for cp, orig in copies.items():
         source[row[cp]] = row[orig]
-    U = unit_rows(X)
+    U = dup_rows(X)
     pairs, sims, _ = similarity_pass(U, min(thresholds), 0)
     planted = {(min(row[o], row[c]), max(row[o], row[c])): c.split("/")[1].split("-")[1] for c, o in copies.items()}
     out = []
@@ -66,7 +66,9 @@ def duplicates(cache, scratch, thresholds) -> dict:
         for k in ("jpeg50", "half", "crop90", "rot5"):
             want = [pr for pr, kind in planted.items() if kind == k]
             by_kind[k] = round(sum(pr in found for pr in want) / len(want), 3)
-        out.append({"threshold": t, "default": t == DUP_THRESHOLD,
+        group_of = {i: n for n, g in enumerate(groups_of(p, len(paths))) for i in g}
+        grouped = [a in group_of and group_of.get(a) == group_of.get(b) for a, b in planted]
+        out.append({"threshold": t, "default": t == DUP_THRESHOLD, "recall_grouped": round(float(np.mean(grouped)), 3),
                     "recall": round(sum(pr in found for pr in planted) / len(planted), 3), "recall_by_transform": by_kind,
                     "reported_pairs": int(len(p)), "false_pairs": int(false.sum()),
                     "false_rate": round(float(false.mean()) if len(p) else 0.0, 4),
@@ -101,7 +103,32 @@ def chest_leakage(cache) -> dict:
         if m:
             ids[p.parts[-3]].add(m.group(1))
     both = ids["train"] & ids["test"]
+    # below the threshold: every (test, train) pair by cosine, and how many share a patient id
+    from featurize.cache import find_index, load_features, resolve_space
+    from heads.audit import dup_rows, similarity_pass
+
+    _, idx = find_index(cache, data)
+    X, _, splits, paths = load_features(cache, idx, resolve_space(cache, idx))
+    splits, U = np.asarray(splits).astype(str), dup_rows(X)
+    te, tr = np.flatnonzero(splits == "test"), np.flatnonzero(splits == "train")
+    cand, sims, _ = similarity_pass(U[te], 0.6, 0, ref=U[tr])
+    pid = [PATIENT.match(Path(p).name) for p in paths]
+    pid = [m.group(1) if m else None for m in pid]
+    share = np.array([pid[te[a]] is not None and pid[te[a]] == pid[tr[b]] for a, b in cand.tolist()], bool)
+    curve = [{"threshold": t, "cross_split_pairs": int((sims >= t).sum()),
+              "sharing_patient_id": int(share[sims >= t].sum())} for t in (0.85, 0.8, 0.75, 0.7, 0.65, 0.6)]
+    # is a file-name id shared by train and test the same patient? compare the cosines of such pairs
+    pid, S = np.array([p or "" for p in pid]), U @ U.T
+    iu = np.triu_indices(len(U), 1)
+    same, cross = (pid[:, None] == pid[None, :])[iu], (splits[:, None] != splits[None, :])[iu]
+    v = S[iu]
+    cosines = {name: {"pairs": int(m.sum()), "median": round(float(np.median(v[m])), 3),
+                      "p99": round(float(np.percentile(v[m], 99)), 3)}
+               for name, m in (("same id, same split", same & ~cross), ("same id, across splits", same & cross),
+                               ("different ids", ~same))}
+    del S, v
     return {"cross_split_groups": len(groups), "cross_split_pairs": pairs, "pairs_sharing_patient_id": same_patient,
+            "below_threshold": curve, "cosine_by_id": cosines,
             "patients_in_both_splits_by_name": len(both), "near_duplicate_groups": r["near_duplicates"]["n_groups"],
             "near_duplicate_pairs": r["near_duplicates"]["n_pairs"],
             "examples": [{"members": g["members"], "max_cosine": g["max_cosine"]} for g in groups[:5]],
@@ -164,6 +191,30 @@ def exclude_effect(cache, scratch, head: str) -> dict:
     return out
 
 
+def novelty(cache) -> dict:
+    """predict's `unlike_training` flag: fit the reference on 80 % of a dataset, score its other 20 %
+    (should pass) and 300 images of each other dataset (should be flagged)."""
+    from featurize.cache import find_index, load_features, resolve_space
+    from heads.audit import Novelty
+
+    data = {}
+    for d in ("chest_xray", "trashnet", "flowers"):
+        _, idx = find_index(cache, SHARED / d)
+        data[d] = load_features(cache, idx, resolve_space(cache, idx))[0]
+    rng, out = np.random.default_rng(0), {}
+    for d, X in data.items():
+        perm = rng.permutation(len(X))
+        cut = int(0.8 * len(X))
+        nov = Novelty.fit(X[perm[:cut]])
+        row = {"cutoff": round(nov.cutoff, 3), "held_out_flagged": round(float(np.mean(nov.score(X[perm[cut:]]) >
+                                                                                        nov.cutoff)), 3)}
+        for o, Y in data.items():
+            if o != d:
+                row[f"{o}_flagged"] = round(float(np.mean(nov.score(Y[rng.permutation(len(Y))[:300]]) > nov.cutoff)), 3)
+        out[d] = row
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", required=True)
@@ -181,11 +232,13 @@ def main():
                   f"{100 * x['estimated_noise_rate']:.1f} % |")
     if "dups" in only:
         res["duplicates"] = duplicates(cache, scratch, [0.75, 0.80, 0.85, 0.90, 0.95])
-        print("| threshold | recall | jpeg50 | half | crop90 | rot5 | reported pairs | false | of which between original photos |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| threshold | pair recall | same group | jpeg50 | half | crop90 | rot5 | reported pairs | false | "
+              "of which between original photos |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for x in res["duplicates"]["curve"]:
             k = x["recall_by_transform"]
-            print(f"| {x['threshold']:.2f}{' (default)' if x['default'] else ''} | {x['recall']:.3f} | {k['jpeg50']} | "
+            print(f"| {x['threshold']:.2f}{' (default)' if x['default'] else ''} | {x['recall']:.3f} | "
+                  f"{x['recall_grouped']:.3f} | {k['jpeg50']} | "
                   f"{k['half']} | {k['crop90']} | {k['rot5']} | {x['reported_pairs']} | {x['false_pairs']} "
                   f"({100 * x['false_rate']:.1f} %) | {x['false_pairs_between_original_photos']} |")
     if "chest" in only:
@@ -194,6 +247,9 @@ def main():
     if "trash" in only:
         res["trashnet"] = trashnet(cache)
         print(json.dumps({k: v for k, v in res["trashnet"].items() if k != "cross_label_examples"}))
+    if "novelty" in only:
+        res["novelty"] = novelty(cache)
+        print(json.dumps(res["novelty"]))
     if "exclude" in only:
         res["exclude"] = exclude_effect(cache, scratch, a.head)
         print(json.dumps(res["exclude"]))

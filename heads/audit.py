@@ -12,9 +12,10 @@ near-duplicates (flagging those across labels and across splits) and outliers.
   calibrated on real transformed copies of flower photos (``benchmarks/RESULTS_audit.md``).
   The search is exact (blocked matrix products, O(N^2 D)): seconds at 10^4 images, about a
   minute at 5 x 10^4 on 2 cores; nothing approximate takes over above that yet.
-* **Outliers**: mean cosine distance to the k nearest other images, flagged above Tukey's
-  far-out fence (Q3 + 3 IQR) of the dataset's own scores; ``predict`` scores new images
-  against the training rows the same way (:class:`Novelty`).
+* **Outliers**: mean cosine distance (power-normalised, not centred: centring on one
+  dataset's mean pulls unrelated images towards it) to the k nearest other images, flagged
+  above Tukey's fence Q3 + 1.5 IQR of the dataset's own scores; ``predict`` scores new
+  images against the training rows the same way (:class:`Novelty`).
 
 ``run_audit`` is what ``featurize audit`` calls; ``audit`` returns the findings as a dict.
 """
@@ -36,7 +37,7 @@ from featurize.errors import UserError
 
 DUP_THRESHOLD = 0.85  # cosine on power-normalised, centred embeddings; calibration in benchmarks/RESULTS_audit.md
 OUTLIER_K = 5  # neighbours averaged for the outlier score
-FENCE_IQR = 3.0  # Tukey's "far out" fence: Q3 + 3 IQR
+FENCE_IQR = 1.5  # Tukey's fence Q3 + 1.5 IQR: 0-3 % of a dataset, 93-100 % of another dataset's images
 BLOCK_ROWS = 1024  # rows per block of the similarity pass (BLOCK_ROWS x N float32 at a time)
 TOP_SHOWN = 10  # items per issue in the terminal summary and the --json line
 
@@ -48,10 +49,11 @@ def power(X) -> np.ndarray:
 
 
 def unit_rows(X, center=None) -> np.ndarray:
-    """Power-normalise, subtract ``center`` (a mean of power-normalised rows; the rows' own
-    mean when None), then L2-normalise each row (float32); a zero row stays zero."""
+    """Power-normalise, subtract ``center`` (a mean of power-normalised rows) when given, then
+    L2-normalise each row (float32); a zero row stays zero."""
     Z = power(X)
-    Z = Z - (Z.mean(axis=0) if center is None else center)
+    if center is not None:
+        Z = Z - center
     n = np.linalg.norm(Z, axis=1, keepdims=True)
     return Z / np.where(n > 0, n, 1.0)
 
@@ -90,8 +92,13 @@ def similarity_pass(U, threshold: float, k: int, ref=None, block: int = BLOCK_RO
     return pairs[order], sims[order], topk
 
 
+def dup_rows(X) -> np.ndarray:
+    """The rows compared for near-duplicates: power-normalised, centred on their mean, unit length."""
+    return unit_rows(X, power(X).mean(axis=0))
+
+
 def fence(scores) -> float:
-    """Tukey's far-out fence Q3 + 3 IQR of ``scores`` (inf when there are none)."""
+    """Tukey's fence Q3 + 1.5 IQR of ``scores`` (inf when there are none)."""
     if len(scores) == 0:
         return float("inf")
     q1, q3 = np.percentile(scores, [25, 75])
@@ -104,23 +111,26 @@ def fence(scores) -> float:
 def out_of_sample_proba(head, X, y, *, class_weight=None, seed=0, folds=5, n_jobs=None):
     """Class probabilities for every row from a head fit on the other folds.
 
-    Same outer folds as ``heads.protocol.evaluate`` without a split (stratified, shuffled
-    with ``seed``, at most as many folds as the rarest class has images). Returns
-    ``(proba (n, c), classes, k)``.
+    The outer folds of ``heads.protocol.evaluate`` without a split (stratified, shuffled with
+    ``seed``, at most as many folds as the rarest class has images), run the same way (one
+    worker per core for large data, BLAS threads capped). Returns ``(proba (n, c), classes, k)``.
     """
     from sklearn.model_selection import StratifiedKFold
 
-    from heads.registry import make_head
+    from heads.parallel import plan_jobs, run_tasks
+    from heads.protocol import _fit_fold
 
     classes = sorted(set(y))
     k = min(folds, int(np.unique(y, return_counts=True)[1].min()))
+    outer = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, y))
+    jobs = plan_jobs(n_jobs, k, len(y))
+    tasks = [(head, X, y, tr, te, class_weight, seed, 1 if jobs > 1 else n_jobs) for tr, te in outer]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter from the sweep's extreme C values
+        results = run_tasks(_fit_fold, tasks, jobs)
     proba = np.zeros((len(y), len(classes)))
-    for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, y):
-        est = make_head(head, class_weight=class_weight, seed=seed, n_samples=len(tr), n_jobs=n_jobs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # convergence chatter from the sweep's extreme C values
-            est.fit(X[tr], y[tr])
-        proba[te] = est.predict_proba(X[te])  # stratified: every fold has every class, columns match
+    for (_, te), (_, _, p, _) in zip(outer, results):
+        proba[te] = p  # stratified: every fold has every class, so the columns match `classes`
     return proba, classes, k
 
 
@@ -203,7 +213,7 @@ def split_leaks(X, splits, train_mask=None, threshold: float = DUP_THRESHOLD):
     if not train.any() or not len(held):
         return []
     tr = np.flatnonzero(train)
-    U = unit_rows(X)  # centred on every row, as in `audit`
+    U = dup_rows(X)  # centred on every row, as in `audit`
     pairs, sims, _ = similarity_pass(U[held], threshold, 0, ref=U[tr])
     seen, out = set(), []
     for (a, b), s in zip(pairs.tolist(), sims.tolist()):
@@ -236,19 +246,17 @@ class Novelty:
     """Scores new images against the training rows: is it unlike anything the head was trained on?"""
 
     ref: np.ndarray  # unit rows of the training images
-    center: np.ndarray  # their power-normalised mean, subtracted from new rows too
     cutoff: float
     k: int = OUTLIER_K
 
     @classmethod
     def fit(cls, X, k: int = OUTLIER_K) -> "Novelty":
-        center = power(X).mean(axis=0)
-        U = unit_rows(X, center)
+        U = unit_rows(X)
         _, _, topk = similarity_pass(U, np.inf, k)
-        return cls(U, center, fence(outlier_scores(topk)), k)
+        return cls(U, fence(outlier_scores(topk)), k)
 
     def score(self, X) -> np.ndarray:
-        _, _, topk = similarity_pass(unit_rows(X, self.center), np.inf, self.k, ref=self.ref)
+        _, _, topk = similarity_pass(unit_rows(X), np.inf, self.k, ref=self.ref)
         return outlier_scores(topk)
 
 
@@ -295,9 +303,10 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
     t_proba = time.perf_counter()
     li = label_issues(lf.y, proba, classes)
     t_clean = time.perf_counter()
-    U = unit_rows(lf.X)
-    pairs, sims, topk = similarity_pass(U, threshold, k)
+    U = dup_rows(lf.X)
+    pairs, sims, _ = similarity_pass(U, threshold, 0)
     groups = duplicate_groups(pairs, sims, lf.y, lf.splits)
+    _, _, topk = similarity_pass(unit_rows(lf.X), np.inf, k)
     scores = outlier_scores(topk)
     cutoff = fence(scores)
     t_sim = time.perf_counter()
