@@ -242,6 +242,9 @@ def add_finetune(sub) -> None:
     p.add_argument("--init", choices=["probe", "random"], default="probe",
                    help="probe: LP-FT (default); random: plain fine-tuning from a random head, for comparison")
     p.add_argument("--unfreeze", default="all", help="all, or last:N to train only the last N blocks")
+    p.add_argument("--class-weight", choices=["balanced", "none"], default=None,
+                   help="balanced: loss weighted by inverse class frequency, probe refit balanced, best epoch by "
+                        "balanced accuracy (default: the probe's, as given to `fit`)")
     p.add_argument("--train-bn", action="store_true", help="update BatchNorm statistics (frozen by default)")
     p.add_argument("--epochs", type=int, default=5, help="passes over the training images")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (warm-up, then cosine decay)")
@@ -272,7 +275,8 @@ def cmd_finetune(args) -> dict:
         epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         batch_size=args.batch_size, unfreeze=args.unfreeze, train_bn=args.train_bn, patience=args.patience,
         seed=args.seed, init=args.init, val_fraction=args.val_fraction, max_train=args.max_train,
-        max_steps=args.max_steps, device=args.device, precision=args.precision, workers=args.workers)
+        max_steps=args.max_steps, device=args.device, precision=args.precision, workers=args.workers,
+        class_weight=args.class_weight or "keep")
     print(format_finetune(summary))
     return summary
 

