@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets"
+SHARED = ROOT.parent / "shared" / "datasets"  # --datasets overrides (a git worktree sits elsewhere)
 
 
 def label_errors(cache, scratch, rate: str, head: str) -> dict:
@@ -216,14 +216,25 @@ def novelty(cache) -> dict:
 
 
 def main():
+    global SHARED
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", required=True)
     ap.add_argument("--scratch", default="/tmp/i12")
     ap.add_argument("--head", default="logreg")
-    ap.add_argument("--only", default="labels,dups,chest,trash,exclude")
+    ap.add_argument("--datasets", default=str(SHARED), help="the shared datasets folder")
+    ap.add_argument("--only", default="labels,dups,chest,trash,novelty,exclude")
     a = ap.parse_args()
+    SHARED = Path(a.datasets)
     cache, scratch, only = a.cache, Path(a.scratch), a.only.split(",")
-    res = {}
+    out = ROOT / "benchmarks" / "results_audit.json"
+
+    class Results(dict):  # written after every stage: a later failure keeps what was measured
+        def __setitem__(self, k, v):
+            super().__setitem__(k, v)
+            old = json.loads(out.read_text()) if out.exists() else {}
+            out.write_text(json.dumps({**old, k: v}, indent=1))
+
+    res = Results()
     if "labels" in only:
         res["label_errors"] = [label_errors(cache, scratch, r, a.head) for r in ("05", "10")]
         print("| flipped | flagged | precision | recall | cleanlab noise estimate |\n|---|---|---|---|---|")
@@ -253,9 +264,6 @@ def main():
     if "exclude" in only:
         res["exclude"] = exclude_effect(cache, scratch, a.head)
         print(json.dumps(res["exclude"]))
-    out = ROOT / "benchmarks" / "results_audit.json"
-    old = json.loads(out.read_text()) if out.exists() else {}
-    out.write_text(json.dumps({**old, **res}, indent=1))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,27 @@ def unit_rows(X, center=None) -> np.ndarray:
     return Z / np.where(n > 0, n, 1.0)
 
 
+def _top(S, kk: int) -> np.ndarray:
+    """The ``kk`` largest values of each row of ``S``, largest first."""
+    return -np.sort(-np.partition(S, -kk, axis=1)[:, -kk:], axis=1)
+
+
+def _upper_pairs(S, s: int, threshold: float):
+    """``(i, j, value)`` of the block ``S`` (rows ``s``...) at or above ``threshold`` with i < j."""
+    rows = np.arange(s, s + len(S))
+    cols = min(s + len(S), S.shape[1])
+    S[:, :cols][np.arange(cols)[None, :] <= rows[:, None]] = -np.inf
+    i, j = np.nonzero(S >= threshold)
+    return i + s, j, S[i, j]
+
+
+def _sorted_pairs(pi, pj, ps):
+    pairs = np.column_stack([np.concatenate(pi), np.concatenate(pj)]) if pi else np.empty((0, 2), int)
+    sims = np.concatenate(ps) if ps else np.empty(0, np.float32)
+    order = np.argsort(-sims, kind="stable")
+    return pairs[order], sims[order]
+
+
 def similarity_pass(U, threshold: float, k: int, ref=None, block: int = BLOCK_ROWS):
     """One blocked pass over cosine similarities.
 
@@ -78,18 +99,49 @@ def similarity_pass(U, threshold: float, k: int, ref=None, block: int = BLOCK_RO
         if ref is None:
             S[rows - s, rows] = -np.inf  # not its own neighbour
         if kk:
-            topk[rows] = -np.sort(-np.partition(S, -kk, axis=1)[:, -kk:], axis=1)
+            topk[rows] = _top(S, kk)
         if ref is None:
-            cols = min(s + block, m)
-            S[:, :cols][np.arange(cols)[None, :] <= rows[:, None]] = -np.inf  # keep i < j only
-        i, j = np.nonzero(S >= threshold)
-        pi.append(i + s)
+            i, j, v = _upper_pairs(S, s, threshold)
+        else:
+            i, j = np.nonzero(S >= threshold)
+            i, v = i + s, S[i, j]
+        pi.append(i)
         pj.append(j)
-        ps.append(S[i, j])
-    pairs = np.column_stack([np.concatenate(pi), np.concatenate(pj)]) if pi else np.empty((0, 2), int)
-    sims = np.concatenate(ps) if ps else np.empty(0, np.float32)
-    order = np.argsort(-sims, kind="stable")
-    return pairs[order], sims[order], topk
+        ps.append(v)
+    return (*_sorted_pairs(pi, pj, ps), topk)
+
+
+def audit_pass(X, threshold: float, k: int, block: int = BLOCK_ROWS):
+    """Near-duplicate pairs and k-NN similarities of ``X`` in one pass over its Gram matrix.
+
+    Pairs use the centred cosine (:func:`dup_rows`), neighbours the uncentred one
+    (:func:`unit_rows`); both follow from the same block ``Z Z^T`` of the power-normalised rows
+    Z, since (z_i - m).(z_j - m) = z_i.z_j - z_i.m - z_j.m + m.m. Returns ``(pairs, sims, topk)``
+    as :func:`similarity_pass` does without ``ref``.
+    """
+    Z = power(X)
+    m = Z.mean(axis=0)
+    sq = np.einsum("ij,ij->i", Z, Z)
+    a = Z @ m
+    norm = np.sqrt(np.maximum(sq, 1e-30))
+    norm_c = np.sqrt(np.maximum(sq - 2 * a + m @ m, 1e-30))
+    n = len(Z)
+    kk = max(0, min(k, n - 1))
+    topk = np.zeros((n, kk), dtype=np.float32)
+    pi, pj, ps = [], [], []
+    for s in range(0, n, block):
+        G = Z[s:s + block] @ Z.T
+        rows = np.arange(s, min(s + block, n))
+        if kk:
+            S = G / norm[rows, None] / norm[None, :]
+            S[rows - s, rows] = -np.inf  # not its own neighbour
+            topk[rows] = _top(S, kk)
+        C = (G - a[rows, None] - a[None, :] + m @ m) / norm_c[rows, None] / norm_c[None, :]
+        i, j, v = _upper_pairs(C, s, threshold)
+        pi.append(i)
+        pj.append(j)
+        ps.append(np.minimum(v, 1.0))  # rounding can put a copy a hair above 1
+    return (*_sorted_pairs(pi, pj, ps), topk)
 
 
 def dup_rows(X) -> np.ndarray:
@@ -295,6 +347,11 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
     from heads.registry import check_head_name
 
     check_head_name(head)
+    if not 0.0 < threshold <= 1.0:
+        raise UserError(f"the near-duplicate threshold is a cosine in (0, 1], got {threshold}; "
+                        f"try the calibrated default {DUP_THRESHOLD}")
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2 (every image is scored by a head fit on the others), got {folds}")
     t0 = time.perf_counter()
     lf = load_labelled(cache_dir, data, backbone)
     t_load = time.perf_counter()
@@ -303,10 +360,8 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
     t_proba = time.perf_counter()
     li = label_issues(lf.y, proba, classes)
     t_clean = time.perf_counter()
-    U = dup_rows(lf.X)
-    pairs, sims, _ = similarity_pass(U, threshold, 0)
+    pairs, sims, topk = audit_pass(lf.X, threshold, k)
     groups = duplicate_groups(pairs, sims, lf.y, lf.splits)
-    _, _, topk = similarity_pass(unit_rows(lf.X), np.inf, k)
     scores = outlier_scores(topk)
     cutoff = fence(scores)
     t_sim = time.perf_counter()
@@ -317,6 +372,7 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
         rows.append({"path": paths[i], "issue": "label", "score": round(1.0 - float(li["quality"][i]), 4),
                      "label": y[i], "suggested": str(li["suggested"][i]), "partner": "", "split": splits[i],
                      "cross_label": "", "cross_split": ""})
+    U = dup_rows(lf.X)
     for g in groups:
         keep = g["keep"]
         for i in g["members"]:

@@ -134,13 +134,17 @@ def test_predict_flags_inputs_unlike_the_training_data(tmp_path, env):
 
 
 @pytest.mark.parametrize("kind,fix", [("unlabelled", "<class>"), ("one_class", "at least 2 class folders"),
-                                      ("exclude_unreadable", "cannot read the exclude file")])
+                                      ("exclude_unreadable", "cannot read the exclude file"),
+                                      ("threshold", "a cosine in (0, 1]")])
 def test_bad_input_one_line(tmp_path, capsys, kind, fix):
     import cli  # in-process (same main() as the console script): these fail before any work
 
     if kind == "exclude_unreadable":
         build_cache(tmp_path / "c", tmp_path / "d", ["x", "y"], [6, 6])
         argv = ["fit", "--head", "centroid", "--exclude", str(tmp_path / "nope.csv")]
+    elif kind == "threshold":
+        build_cache(tmp_path / "c", tmp_path / "d", ["x", "y"], [6, 6])
+        argv = ["audit", "--dup-threshold", "1.5"]
     else:
         build_cache(tmp_path / "c", tmp_path / "d", ["x"], [8], unlabelled=kind == "unlabelled")
         argv = ["audit"]
@@ -150,7 +154,7 @@ def test_bad_input_one_line(tmp_path, capsys, kind, fix):
 
 
 def test_similarity_pass_matches_brute_force_across_blocks():
-    from heads.audit import similarity_pass, unit_rows
+    from heads.audit import audit_pass, dup_rows, similarity_pass, unit_rows
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(50, 8))
@@ -163,3 +167,12 @@ def test_similarity_pass_matches_brute_force_across_blocks():
     assert {tuple(p) for p in pairs.tolist()} == want and (4, 30) in want
     assert np.all(np.diff(sims) <= 0)
     np.testing.assert_allclose(topk, -np.sort(-S, axis=1)[:, :3], rtol=1e-5)
+
+    # audit's single pass: centred pairs and uncentred neighbours from one Gram matrix
+    X = np.abs(X) + 0.5  # non-negative like pooled CNN features, so centring matters
+    pairs, sims, topk = audit_pass(X, 0.6, 3, block=16)
+    want_pairs, want_sims, _ = similarity_pass(dup_rows(X), 0.6, 0, block=16)
+    _, _, want_topk = similarity_pass(unit_rows(X), np.inf, 3, block=16)
+    assert {tuple(p) for p in pairs.tolist()} == {tuple(p) for p in want_pairs.tolist()} and len(pairs) > 1
+    np.testing.assert_allclose(np.sort(sims), np.sort(want_sims), atol=1e-4)
+    np.testing.assert_allclose(topk, want_topk, atol=1e-5)
