@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -473,10 +474,13 @@ def run_audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weigh
         paths["html"] = build_gallery(result, stem.with_name(stem.name + ".html"), max_items=max_gallery)
     print(format_audit(result))
     print(f"written: {'  '.join(paths.values())}")
-    if result["rows"]:
-        print(f"to refit without the flagged images (edit the CSV first to keep some): "
-              f"python cli.py fit --exclude {paths['csv']}", file=sys.stderr)
     summary = {k: v for k, v in result.items() if k != "rows"}
+    if result["rows"]:  # the last line: the command that refits without them, on the same data and cache
+        argv = ["python", "cli.py", "fit", "--head", head, "--data", result["dataset"], "--backbone",
+                result["backbone"], "--cache", str(cache_dir), "--exclude", paths["csv"]]
+        summary["refit_command"] = " ".join(map(shlex.quote, argv))
+        print("to refit without the flagged images (edit the CSV first to keep some):")
+        print(summary["refit_command"])
     summary["near_duplicates"] = {k: v for k, v in result["near_duplicates"].items() if k != "groups"}
     return {**summary, "n_flagged_images": len({r["path"] for r in result["rows"]}), "paths": paths}
 

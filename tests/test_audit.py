@@ -9,6 +9,7 @@ dataset (for predict's novelty flag).
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -122,8 +123,9 @@ def test_split_leak_warning_and_exclude_is_training_only(tmp_path, env):
 def test_exclude_in_cv_scores_every_image_and_audit_csv_is_accepted(tmp_path, env):
     cache, root, roles = planted(tmp_path)
     audit = last_json(run_cli("audit", "--cache", cache, "--head", "centroid", "--json", env=env, check=0))
-    p = run_cli("fit", "--head", "centroid", "--cache", cache, "--exclude", audit["paths"]["csv"], "--json", env=env,
-                check=0)
+    argv = shlex.split(audit["refit_command"])  # what audit prints last: same data, backbone and cache
+    assert argv[:3] == ["python", "cli.py", "fit"] and argv[-2:] == ["--exclude", audit["paths"]["csv"]]
+    p = run_cli(*argv[2:], "--json", env=env, check=0)
     out = last_json(p)
     n_flagged = audit["n_flagged_images"]
     assert out["exclude"]["excluded"] == n_flagged >= 3 and out["exclude"]["unknown"] == []
