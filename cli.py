@@ -48,13 +48,15 @@ def add_extract(sub) -> None:
 
 
 def cmd_extract(args) -> dict:
-    from featurize.extract import extract, format_summary
+    from featurize.extract import account_process, extract, format_summary, process_age
 
+    started = process_age()
     summary = extract(
         args.data, cache_dir=_cache(args), backbone=args.backbone, weights=args.weights,
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
         engine=args.engine, wait=args.wait, progress=not args.no_progress and not args.json,
     )
+    summary = account_process(summary, started)
     print(format_summary(summary))
     return summary
 

@@ -15,6 +15,9 @@ Sections (``--only`` picks some):
 - cachehit:   first run vs cache-hit re-run on chest_xray (5,840 images), in-process and CLI.
 - rss:        peak RSS (main process + decode workers) of extraction at several N.
 - knobs:      decode workers x engine threads x batch size for the OpenVINO path.
+- process, mp12, heads_load: whole-process timings of the commands a user types, 12 MP JPEGs,
+              heads next to busy cores (``benchmarks/bench_process.py``; one command, < 10 min:
+              ``--only process,mp12,heads_load``).
 
 Every measurement runs in a fresh subprocess (allocator settings, thread pools and caches
 do not leak between contenders). On a shared machine compare ratios, not absolute numbers.
@@ -38,9 +41,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "datasets"
+DATA = next((p for p in (ROOT.parent / "shared" / "datasets", ROOT.parent.parent / "shared" / "datasets") if p.is_dir()),
+            ROOT.parent / "shared" / "datasets")  # beside the checkout, or beside a worktree folder
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_process  # noqa: E402  (whole-process sections: process, mp12, heads_load)
 
 # --------------------------------------------------------------------------- harness helpers
 
@@ -351,6 +357,7 @@ def w_extract_only(folder, cache, engine="auto"):
 
 WORKERS = {"naive": w_naive, "featurize": w_featurize, "featurize_classifier": w_featurize_classifier,
            "tutorial": w_tutorial, "cachehit": w_cachehit, "extract_only": w_extract_only}
+WORKERS.update(bench_process.WORKERS)
 
 
 # --------------------------------------------------------------------------- sections
@@ -538,6 +545,7 @@ def table(R: dict) -> str:
         L.append("|---|---|---|---|")
         for r in R["knobs"]:
             L.append(f"| {r['workers']} | {r['threads']} | {r['batch_size']} | {r['img_s']:.1f} |")
+    L.append(bench_process.table(R))
     return "\n".join(L)
 
 
@@ -548,7 +556,9 @@ def main(argv=None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="extract,classifier,cachehit,rss",
-                   help="comma list of sections: extract, classifier, cachehit, rss, knobs")
+                   help="comma list of sections: extract, classifier, cachehit, rss, knobs, process, mp12, heads_load")
+    p.add_argument("--process-n", default="100,500,1000", help="flowers images for the whole-process section")
+    p.add_argument("--mp12-n", type=int, default=60, help="12 MP JPEGs for the mp12 section")
     p.add_argument("--n", type=int, default=1000, help="flowers images for the Lite0 extraction race")
     p.add_argument("--n-resnet", type=int, default=300, help="flowers images for the ResNet-50 race")
     p.add_argument("--skip-resnet", action="store_true")
@@ -562,6 +572,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     args = p.parse_args(argv)
     args.engines = [e for e in args.engines.split(",") if e]
+    args.process_n = [int(x) for x in args.process_n.split(",") if x]
     args.rss_n = [int(x) for x in args.rss_n.split(",") if x]
     args.knobs = [tuple(int(v) for v in k.split(":")) for k in args.knobs.split(",") if k]
     if not DATA.is_dir():
@@ -580,7 +591,8 @@ def main(argv=None) -> int:
     except Exception:
         pass
     sections = {"extract": sec_extract, "classifier": sec_classifier, "cachehit": sec_cachehit, "rss": sec_rss,
-                "knobs": sec_knobs}
+                "knobs": sec_knobs, "process": bench_process.sec_process, "mp12": bench_process.sec_mp12,
+                "heads_load": bench_process.sec_heads_load}
     for name in args.only.split(","):
         t = time.perf_counter()
         sections[name](args, work, R)

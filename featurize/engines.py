@@ -5,9 +5,12 @@
   AVX512-BF16/AMX, fp32 otherwise).
 - ``OpenVINOEngine`` is the optimised CPU engine (a dependency on x86-64 and arm64): the
   frozen module is converted once to OpenVINO IR with the normalisation folded in (it takes
-  the uint8 batch directly), saved under ``<cache>/engines/<space_id>-openvino/`` and
-  compiled with the bf16 inference hint on CPUs that run bf16 natively. Later runs read
-  the saved IR and OpenVINO's compiled blob from that folder instead of converting again.
+  the uint8 batch directly), stored once per user in the engine store
+  (``featurize.enginestore``: ``~/.cache/featurize/engines/<space_id>-openvino-<version>/``,
+  shared by every cache) and compiled with the bf16 inference hint on CPUs that run bf16
+  natively. Later runs, in any cache, read the stored IR and OpenVINO's compiled blob
+  instead of converting again; with the engine stored, ``featurize.fastpath`` extracts
+  without importing torch at all.
   It runs in throughput mode: several inference streams, one batch in flight per stream
   (``map``), so the model never waits for the main process to hand over the next batch.
 
@@ -27,13 +30,11 @@ index (``extractions``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featurize import enginestore
 from featurize.errors import UserError
 
 #: Minimum cosine similarity between any engine's vector and the fp32 PyTorch vector of the
@@ -151,18 +153,7 @@ def _no_telemetry():
         convert_impl.tm, telemetry_utils.tm = saved
 
 
-@functools.cache
-def _openvino_core():
-    """The process's one OpenVINO Core, kept until exit.
-
-    Each Core's CPU plugin installs its own signal stack (sigaltstack) on the thread that loads
-    it and puts the previous one back when the Core is freed. Freed out of order (two engines,
-    the first dropped first), the thread is left on a freed stack and the next Ctrl-C is a
-    segfault instead of KeyboardInterrupt. One Core means one plugin, installed once.
-    """
-    import openvino as ov
-
-    return ov.Core()
+_openvino_core = enginestore.openvino_core  # one Core per process (see there)
 
 
 @contextlib.contextmanager
@@ -190,41 +181,24 @@ class OpenVINOEngine(Engine):
 
     name = "openvino"
 
-    def __init__(self, backbone, precision: str, cache_folder: str | os.PathLike | None = None,
+    def __init__(self, backbone, precision: str, folder: str | os.PathLike | None = None,
                  threads: int | None = None, check: bool = True):
+        """``folder``: the engine's folder in the store (``enginestore.engine_dir``), None to keep nothing."""
         if precision not in ("fp32", "bf16"):
             raise UserError(f"--engine openvino runs fp32 or bf16, not {precision}")
         self.backbone, self.precision, self.device = backbone, precision, torch.device("cpu")
         self.threads = threads or default_engine_threads()
-        self.folder = Path(cache_folder) if cache_folder else None
+        self.folder = Path(folder) if folder else None
         self.converted = False
         t = time.perf_counter()
-        model = self._load() if self.folder else None
-        if model is None:
-            model = self._convert()
-            self.converted = True
+        if self.folder is not None and self._stored():
+            self.runner = enginestore.load_stored(self.folder, precision, self.threads, backbone.dim)
+        else:
+            self._convert_and_store(check)
         self.convert_seconds = time.perf_counter() - t
-        core = _openvino_core()
-        # THROUGHPUT: OpenVINO splits the threads into streams (2 x 1 thread on 2 cores) that
-        # each run a whole batch. Streams of one thread never stall at a barrier when a decode
-        # worker takes their core, and two batches in flight hide the hand-over between
-        # batches: 1.1-1.2x the img/s of one LATENCY stream end to end (benchmarks/RESULTS.md).
-        config = {
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-            "PERFORMANCE_HINT": "THROUGHPUT",
-            "INFERENCE_NUM_THREADS": self.threads,
-        }
-        if self.folder:
-            config["CACHE_DIR"] = str(self.folder / "compiled")
-        self.compiled = core.compile_model(model, "CPU", config)
-        self.in_flight = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self.requests = [self.compiled.create_infer_request() for _ in range(self.in_flight)]
-        if self.converted and check:
-            self._check_against_reference()
-        if self.converted and self.folder:
-            self._save(model)
+        self.compiled, self.in_flight, self.requests = self.runner.compiled, self.runner.in_flight, self.runner.requests
 
-    # -- conversion and on-disk cache
+    # -- conversion and the engine store
 
     def _meta(self) -> dict:
         import openvino as ov
@@ -232,34 +206,38 @@ class OpenVINOEngine(Engine):
         return {"openvino": ov.__version__, "torch": torch.__version__, "backbone": self.backbone.name,
                 "weights_digest": self.backbone.weights_digest, "preprocess": self.backbone.preprocess.config()}
 
-    def _load(self):
-        xml, meta = self.folder / "model.xml", self.folder / "meta.json"
+    def _stored(self) -> bool:
+        """A published engine built from this backbone (same weights and preprocessing) is stored."""
+        if not enginestore.is_complete(self.folder):
+            return False
         try:
-            if json.loads(meta.read_text()) != self._meta():
-                return None
-            return _openvino_core().read_model(str(xml))
-        except Exception:  # missing, partial or from another version: convert again
-            return None
+            meta = json.loads((self.folder / enginestore.META).read_text())
+        except (OSError, ValueError):
+            return False
+        mine = self._meta()
+        return all(meta.get(k) == mine[k] for k in ("backbone", "weights_digest", "preprocess"))
 
-    def _save(self, model) -> None:
-        import openvino as ov
-
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder.parent))
+    def _convert_and_store(self, check: bool) -> None:
+        """Convert, compile, check against the reference, then publish atomically in the store
+        (when another process published first, its engine is used next time; this one runs now)."""
+        model = self._convert()
+        self.converted = True
+        tmp = enginestore.new_temp_dir(self.folder) if self.folder is not None else None
         try:
-            ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-            (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=1))
-            old = self.folder.parent / f".old-{self.folder.name}-{os.getpid()}"
-            compiled = self.folder / "compiled"
-            if self.folder.exists():
-                os.replace(self.folder, old)
-            os.replace(tmp, self.folder)
-            if old.exists():
-                if (old / "compiled").is_dir() and not compiled.exists():
-                    os.replace(old / "compiled", compiled)
-                shutil.rmtree(old, ignore_errors=True)
+            self.runner = enginestore.CompiledEngine(model, self.precision, self.threads, self.backbone.dim, tmp)
+            self.compiled, self.in_flight, self.requests = \
+                self.runner.compiled, self.runner.in_flight, self.runner.requests
+            if check:
+                self._check_against_reference()
+            if tmp is not None:
+                import openvino as ov
+
+                ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+                (tmp / enginestore.META).write_text(json.dumps(self._meta(), indent=1))
+                enginestore.publish(tmp, self.folder)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def _convert(self):
         import openvino as ov
@@ -294,42 +272,14 @@ class OpenVINOEngine(Engine):
 
     # -- inference
 
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
+    def __call__(self, images) -> np.ndarray:
         """uint8 (N, 3, H, W) -> float32 (N, D) numpy (one batch, one stream)."""
-        return list(self.map([(None, images)]))[0][1]
+        return self.runner(images)
 
     def map(self, batches):
         """Keep up to ``in_flight`` batches running (one per stream); yield results in order."""
-        from collections import deque
-
-        free, running = deque(self.requests), deque()  # running: (tag, request, input kept alive)
-
-        def finish():
-            tag, req, _ = running.popleft()
-            req.wait()
-            out = np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
-            free.append(req)
-            return tag, out
-
-        try:
-            for tag, images in batches:
-                x = np.ascontiguousarray(images.numpy() if isinstance(images, torch.Tensor) else images,
-                                         dtype=np.uint8)
-                if len(x) == 0:  # nothing to run: keep the order by finishing what runs first
-                    while running:
-                        yield finish()
-                    yield tag, np.empty((0, self.backbone.dim), np.float32)
-                    continue
-                if not free:
-                    yield finish()
-                req = free.popleft()
-                req.start_async({0: x}, share_inputs=True)
-                running.append((tag, req, x))
-            while running:
-                yield finish()
-        finally:  # abandoned (Ctrl-C, an error downstream): leave no request busy for the next map
-            for _, req, _ in running:
-                req.wait()
+        self.runner.in_flight, self.runner.requests = self.in_flight, self.requests
+        return self.runner.map(batches)
 
 
 class EngineMismatch(UserError):
@@ -337,11 +287,10 @@ class EngineMismatch(UserError):
 
 
 def engine_folder(cache_dir, space_id: str, engine: str) -> Path | None:
-    if cache_dir is None or space_id is None:
+    """The stored engine's folder: once per user in the engine store, whatever the cache."""
+    if space_id is None or engine != "openvino":
         return None
-    from featurize.layout import Cache
-
-    return Cache.of(cache_dir).engine_folder(space_id, engine)
+    return enginestore.engine_dir(space_id)
 
 
 class LazyEngine:

@@ -20,11 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from featurize import __version__
+from featurize import __version__, enginestore, fastdecode, fastpath
 from featurize import cache as fc
 from featurize.dataset import scan
 from featurize.errors import Interrupted, UserError
 from featurize.registry import PACKAGED_WEIGHTS
+
+#: Wall-clock stages of an extract, in order; "other" is the named remainder (lock, planning, ...).
+STAGES = ("scan", "index", "hash", "load_model", "decode", "model", "write", "compaction", "other")
 
 
 def _hash_entries(root: str, scan_entries, old: fc.DatasetIndex | None) -> tuple[list[str], list[str], int]:
@@ -123,6 +126,46 @@ def _plan(space: fc.FeatureSpace, root: str, entries, hashes: list[str], statuse
     return todo
 
 
+def _failed_hashes(hashes: list[str], statuses: list[str]) -> set[str]:
+    return {h for h, s in zip(hashes, statuses) if h and s.startswith("error")}
+
+
+def _drop_undecodable(sc, hashes: list[str], statuses: list[str], todo) -> str | None:
+    """Before any model is loaded, decode new files until one works; mark those that do not.
+
+    Costs one decode when the first file is fine. Returns the error message when no file of
+    the folder can be an image (none decodes and none is embedded already), so that a folder
+    of non-images fails before loading a model; else None.
+    """
+    if todo is None:  # unknown feature space: every file that is not known to be bad is a candidate
+        seen, todo = set(), []
+        for e, h, st in zip(sc.entries, hashes, statuses):
+            if h and not st.startswith("error") and h not in seen:
+                seen.add(h)
+                todo.append((h, os.path.join(sc.root, e.path)))
+    _, failed = fastdecode.first_decodable(todo)
+    reasons = dict(failed)
+    for i, h in enumerate(hashes):
+        if h in reasons:
+            statuses[i] = f"error: {reasons[h]}"
+    if sc.entries and all(st.startswith("error") for st in statuses):
+        path, reason = next((e.path, st[len("error: "):]) for e, st in zip(sc.entries, statuses))
+        return (f"none of the {len(statuses)} image files in {sc.root} can be decoded (e.g. {path}: {reason}); "
+                "check that they are images")
+    return None
+
+
+def _remember_engine(key: dict, engine: str, ex) -> None:
+    """After the full path built an OpenVINO engine on the CPU, record the request in the engine
+    store so that the next extract of it, in any cache, runs torch-free (``featurize.fastpath``)."""
+    eng = getattr(ex.engine, "_engine", ex.engine)  # a LazyEngine that was never built stays None
+    if eng is None or getattr(eng, "name", "") != "openvino" or ex.device.type != "cpu":
+        return
+    enginestore.remember(key, engine, {
+        "space_id": ex.space.space_id, "space": ex.space.info(), "engine": "openvino", "precision": ex.precision,
+        "device": "cpu", "backbone": ex.backbone.name, "dim": int(ex.backbone.dim)})
+
+
 def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights: str | None = None,
             batch_size: int = 32, workers: int | None = None, device: str = "auto", precision: str = "auto",
             engine: str = "auto", wait: bool = False, progress: bool = True) -> dict:
@@ -138,27 +181,43 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
     cache_dir = fc.default_cache_dir() if cache_dir is None else cache_dir
     if batch_size < 1 or (workers is not None and workers < 0):
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
-    seconds = {"scan": 0.0, "hash": 0.0, "load_model": 0.0, "decode": 0.0, "model": 0.0, "write": 0.0}
+    # wall-clock stages; they do not overlap, so with "other" they add up to the call's wall time
+    seconds = dict.fromkeys(STAGES, 0.0)
     t = time.perf_counter()
     sc = scan(data)
     seconds["scan"] = time.perf_counter() - t
     ipath = fc.index_path(cache_dir, sc.root)
     with fc.CacheLock(fc.Cache.lock_path(ipath), wait=wait):
         old = None
+        t = time.perf_counter()
         if ipath.exists():
             try:
                 old = fc.read_index(ipath)
             except UserError as e:  # the index is derived data: rebuild it, features are kept
                 print(f"warning: {e}; rebuilding it from the folder", file=sys.stderr)
+        seconds["index"] += time.perf_counter() - t
         t = time.perf_counter()
         hashes, statuses, n_hashed = _hash_entries(sc.root, sc.entries, old)
         seconds["hash"] = time.perf_counter() - t
 
         key = request_key(backbone, weights, device, precision)
-        sid = _known_space(old, key, cache_dir)
+        # the engine store knows requests run before on this machine, in any cache: no torch needed
+        lean = fastpath.lean_extractor(cache_dir, key, engine)
+        sid = lean.space.space_id if lean else _known_space(old, key, cache_dir)
         ex = None
         todo = _plan(fc.FeatureSpace(cache_dir, sid), sc.root, sc.entries, hashes, statuses) if sid else None
-        if todo is None or todo:  # unknown request, or work to do: build the model (imports torch)
+        nothing = _drop_undecodable(sc, hashes, statuses, todo)
+        if nothing:  # record why, never load a model for it
+            fc.write_index(ipath, fc.DatasetIndex(
+                root=sc.root, layout=sc.layout, path=[e.path for e in sc.entries],
+                label=[e.label for e in sc.entries], split=[e.split for e in sc.entries], hash=hashes,
+                size=[e.size for e in sc.entries], mtime_ns=[e.mtime_ns for e in sc.entries], status=statuses,
+                extractions=dict(old.extractions) if old else {}))
+            raise UserError(nothing)
+        if todo is not None:
+            bad = _failed_hashes(hashes, statuses)
+            todo = [(h, p) for h, p in todo if h not in bad]
+        if (todo is None or todo) and lean is None:  # unknown request or work to do: build the model (torch)
             t = time.perf_counter()  # importing torch is part of loading the model (2-5 s)
             try:
                 from featurize.pipeline import build_extractor, default_workers, run_pipeline, tune_allocator
@@ -181,14 +240,17 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         )
         unchanged = old is not None and all(getattr(old, k) == getattr(index, k) for k in fc.INDEX_FIELDS) \
             and (old.root, old.layout) == (index.root, index.layout)
+        t = time.perf_counter()
         if not unchanged:  # a killed run still leaves an index that names every file
             fc.write_index(ipath, index)
+        seconds["index"] += time.perf_counter() - t
 
         failed: dict[str, str] = {}
         written, interrupted = 0, False
         if todo:
-            written, interrupted = run_pipeline(ex, todo, batch_size, default_workers() if workers is None else workers,
-                                                seconds, progress, failed.__setitem__)
+            n_workers = (fastpath.cpu_cores() if lean else default_workers()) if workers is None else workers
+            run = fastpath.run_lean if lean else run_pipeline
+            written, interrupted = run(lean or ex, todo, batch_size, n_workers, seconds, progress, failed.__setitem__)
             known = space.known_hashes()
             for i, h in enumerate(hashes):
                 if h in failed:
@@ -198,22 +260,29 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         n_ok = sum(s == fc.STATUS_OK for s in statuses)
         n_err = sum(s.startswith("error") for s in statuses)
         run = dict(index.extractions.get(sid, {}))
-        if ex is not None:
+        if lean is not None:
+            run.update(lean.summary())
+        elif ex is not None:
             run.update(backbone=ex.backbone.name, precision=ex.precision, device=str(ex.device),
                        engine=getattr(ex.engine, "name", "torch"), dim=ex.backbone.dim)
+            _remember_engine(key, engine, ex)
         if not interrupted:
             run.update(finished_at=time.time(), n_ok=n_ok, n_failed=n_err, request=key)
             index.extractions[sid] = run
+        t = time.perf_counter()
         fc.write_index(ipath, index)
+        seconds["index"] += time.perf_counter() - t
         if not interrupted:
             t = time.perf_counter()
             space.compact(max_shards=1)
-            seconds["write"] += time.perf_counter() - t
+            seconds["compaction"] += time.perf_counter() - t
 
     ok_hashes = [h for h, s in zip(hashes, statuses) if s == fc.STATUS_OK]
     duplicates = len(ok_hashes) - len(set(ok_hashes))  # files with the bytes of another file
     conflicts, overlaps = _duplicate_problems(index) if duplicates else ([], [])
     wall = time.perf_counter() - t_start
+    decode_cpu = seconds.pop("decode_cpu", 0.0)
+    seconds["other"] = max(0.0, wall - sum(v for k, v in seconds.items() if k != "other"))
     pipeline_s = wall - seconds["scan"] - seconds["hash"] - seconds["load_model"]
     summary = {
         "dataset": sc.root, "layout": sc.layout, "backbone": run.get("backbone"), "space_id": sid,
@@ -227,6 +296,7 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         "ok": n_ok, "failed": n_err, "pending": sum(s == fc.STATUS_PENDING for s in statuses),
         "errors": [{"path": p, "reason": r} for p, r in index.errors()][:50],
         "seconds": {k: round(v, 3) for k, v in seconds.items()}, "wall_seconds": round(wall, 3),
+        "decode_cpu_seconds": round(decode_cpu, 3),  # decoding summed over the workers (they overlap the model)
         # end to end: decode + model + write, i.e. the wall time after the model was ready
         "images_per_second": round(written / pipeline_s, 1) if written and pipeline_s > 0 else None,
         "index_file": str(ipath), "features_dir": str(space.folder), "interrupted": interrupted,
@@ -256,6 +326,30 @@ def _duplicate_problems(index: fc.DatasetIndex) -> tuple[list[list[str]], list[l
     return conflicts, overlaps
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (interpreter start-up included), from /proc; None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def account_process(summary: dict, started: float | None) -> dict:
+    """Add the process's own seconds to an extract summary: ``import`` (interpreter start-up and
+    imports before ``extract`` was called) first, and the time around the call into ``other``,
+    so the stages add up to ``process_seconds`` (the process's wall time so far)."""
+    now = process_age()
+    if started is None or now is None:
+        return summary
+    sec = {"import": round(started, 3), **summary["seconds"]}
+    sec["other"] = round(sec.get("other", 0.0) + max(0.0, now - started - summary["wall_seconds"]), 3)
+    return {**summary, "seconds": sec, "process_seconds": round(now, 3)}
+
+
 def format_summary(s: dict) -> str:
     """A short human summary of :func:`extract`'s result."""
     sec = s["seconds"]
@@ -267,7 +361,8 @@ def format_summary(s: dict) -> str:
         + (f" ({s['images_per_second']:.1f} img/s, decode to write)" if s.get("images_per_second") else "")
         + f", reused {s['cached']} from cache"
         + (f", {s['duplicates']} files duplicate others' bytes" if s.get("duplicates") else ""),
-        "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in sec.items()) + f"; wall {s['wall_seconds']:.2f}s",
+        "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in sec.items())
+        + (f"; process {s['process_seconds']:.2f}s" if s.get("process_seconds") else f"; wall {s['wall_seconds']:.2f}s"),
         f"cache: {s['index_file']} + {s['features_dir']}",
     ]
     if s.get("n_label_conflicts"):

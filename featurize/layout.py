@@ -3,7 +3,8 @@
     datasets/<folder>-<8 hex of its real path>.h5      the dataset index, one per image folder
     datasets/<folder>-<hash>.lock                      flock'ed while an extract runs on that folder
     features/<space_id>/                               space.json + immutable HDF5 shards
-    engines/<space_id>-<engine>/                       a converted model (OpenVINO IR + compiled blob)
+    engines/<space_id>-<engine>/                       converted models of older versions (now once per
+                                                       user: featurize.enginestore, engine_store_dir())
     heads/<folder>-<hash>/<space_id>/<head>.joblib     heads saved by `fit` (+ .json sidecar)
     reports/compare-<folder>-<hash>.csv|.json          `compare` leaderboards
     reports/audit-<folder>-<hash>.csv|.json|.html      `audit` findings
@@ -24,6 +25,15 @@ from pathlib import Path
 def default_cache_dir() -> Path:
     """The cache directory used when ``--cache`` is not given: ``$FEATURIZE_CACHE`` or ``./cache``."""
     return Path(os.environ.get("FEATURIZE_CACHE", "cache"))
+
+
+def engine_store_dir() -> Path:
+    """Where converted engines are kept once per user, shared by every cache:
+    ``$FEATURIZE_ENGINES``, else ``$XDG_CACHE_HOME/featurize/engines`` (``~/.cache/...``)."""
+    if os.environ.get("FEATURIZE_ENGINES"):
+        return Path(os.environ["FEATURIZE_ENGINES"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "featurize" / "engines"
 
 
 def dataset_key(root: str | os.PathLike) -> str:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from featurize import cache as fc
 from featurize.backbones import Backbone, get_backbone, resolve_device, resolve_precision
 from featurize.engines import make_engine
+from featurize.fastpath import drive
 from featurize.images import ImageError, Preprocess, read_image
 
 
@@ -158,7 +159,7 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
         bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, file=sys.stderr,
                    disable=None)  # None: only on a terminal, logs stay clean
     interrupted = False
-    results = batches = None
+    batches = None
     if todo and hasattr(ex.engine, "engine"):  # a LazyEngine: build it now, outside the model timing
         t = time.perf_counter()
         _ = ex.engine.engine  # the property builds it
@@ -171,45 +172,19 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
         else:
             batches = reader([p for _, p in todo], ex.backbone.preprocess, batch_size, workers,
                              pin=ex.device.type == "cuda")
-        feeding = [0.0]  # seconds the engine's map spent waiting for decoded batches
-
-        def fed():
-            it = iter(batches)
-            while True:
-                t = time.perf_counter()
-                b = next(it, None)
-                feeding[0] += time.perf_counter() - t
-                if b is None:
-                    return
-                seconds["decode"] = seconds.get("decode", 0.0) + b["decode_s"]
-                for i, reason in b["errors"]:
-                    on_error(todo[i][0], reason)
-                if bar and b["errors"]:
-                    bar.update(len(b["errors"]))
-                if b["images"] is not None:
-                    yield b["index"], b["images"]
-
-        results = ex.engine.map(fed())
-        while True:
-            t, f0 = time.perf_counter(), feeding[0]
-            item = next(results, None)
-            seconds["model"] = seconds.get("model", 0.0) + (time.perf_counter() - t) - (feeding[0] - f0)
-            if item is None:
-                break
-            index, emb = item
-            writer.add([todo[i][0] for i in index], emb)
-            if bar:
-                bar.update(len(index))
+        drive(ex.engine, batches, todo, writer, seconds, bar, on_error)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         # Shut the decode workers down now, in order (engine map, then reader): left to the
         # garbage collector they die at interpreter exit, mid-transfer, printing tracebacks.
-        for gen in (results, batches):
-            if hasattr(gen, "close"):
-                gen.close()
+        t = time.perf_counter()
+        if hasattr(batches, "close"):
+            batches.close()  # joins the decode worker processes
+        seconds["decode"] = seconds.get("decode", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
         writer.flush()  # what was embedded is kept, even on Ctrl-C
-        seconds["write"] = seconds.get("write", 0.0) + writer.seconds
+        seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t
         if bar:
             bar.close()
     return writer.rows_written, interrupted

@@ -55,6 +55,20 @@ def last_json(proc) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_store(tmp_path_factory):
+    """One engine store for the whole session (in-process and subprocess runs alike): tests never
+    touch ~/.cache, and a backbone is converted at most once per session."""
+    store = tmp_path_factory.mktemp("engine-store")
+    old = os.environ.get("FEATURIZE_ENGINES")
+    os.environ["FEATURIZE_ENGINES"] = str(store)
+    yield store
+    if old is None:
+        os.environ.pop("FEATURIZE_ENGINES", None)
+    else:
+        os.environ["FEATURIZE_ENGINES"] = old
+
+
 @pytest.fixture
 def dataset(tmp_path):
     return make_dataset(tmp_path / "data")

@@ -66,8 +66,10 @@ def test_openvino_matches_torch_fp32_on_real_photos(lite0, ov_cache, tmp_path):
         cos_t = engines.cosine_rows(engines.TorchEngine(lite0, torch.device("cpu"), "bf16")(batch), ref)
         assert cos_t.min() >= engines.COSINE_TOLERANCE
 
-    # The converted model is cached on disk: a second engine loads it without converting.
-    assert (ov_cache / "engines" / "s-openvino" / "model.xml").is_file()
+    # The converted model is kept in the user's engine store: a second engine loads it without converting.
+    from featurize.enginestore import engine_dir
+
+    assert (engine_dir("s") / "model.xml").is_file()
     again = engines.make_engine(lite0, torch.device("cpu"), precision, "openvino", cache_dir=ov_cache, space_id="s")
     assert not again.converted
     np.testing.assert_allclose(again(batch), got, rtol=0, atol=1e-4)
@@ -106,7 +108,9 @@ def test_auto_engine_uses_openvino_and_records_it(ov_cache, tmp_path, monkeypatc
     assert s["engine"] == "openvino" and s["ok"] == 3 and s["failed"] == 0
     idx = fc.read_index(Path(s["index_file"]))
     assert idx.extractions[s["space_id"]]["engine"] == "openvino"
-    assert (ov_cache / "engines" / f"{s['space_id']}-openvino" / "model.xml").is_file()
+    from featurize.enginestore import engine_dir
+
+    assert (engine_dir(s["space_id"]) / "model.xml").is_file()
 
     # Second run on new images: the saved model is reused, never converted again.
     monkeypatch.setattr(engines.OpenVINOEngine, "_convert", lambda self: pytest.fail("converted twice"))
@@ -144,7 +148,9 @@ def test_openvino_engine_on_tiny_model_matches_torch(tmp_path):
     ref = engines.TorchEngine(bb, torch.device("cpu"), "fp32")(x)
     eng = engines.make_engine(bb, torch.device("cpu"), "fp32", "openvino", cache_dir=tmp_path, space_id="t")
     np.testing.assert_allclose(eng(x), ref, rtol=1e-3, atol=1e-4)
-    meta = json.loads((tmp_path / "engines" / "t-openvino" / "meta.json").read_text())
+    from featurize.enginestore import engine_dir
+
+    meta = json.loads((engine_dir("t") / "meta.json").read_text())
     assert meta["backbone"] == "tiny"
 
 
@@ -209,8 +215,8 @@ import gc, signal, time, torch
 from featurize import engines
 from featurize.backbones import get_backbone
 bb, x = get_backbone("tiny"), torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
-first = engines.OpenVINOEngine(bb, "fp32", {str(tmp_path)!r})
-second = engines.OpenVINOEngine(bb, "fp32", {str(tmp_path)!r})
+first = engines.OpenVINOEngine(bb, "fp32", {str(tmp_path / "engine")!r})
+second = engines.OpenVINOEngine(bb, "fp32", {str(tmp_path / "engine")!r})
 first(x), second(x)
 del first; gc.collect()
 del second; gc.collect()
