@@ -580,6 +580,8 @@ def main(argv=None) -> int:
         return 2
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    # converted engines go to the bench's own store (not ~/.cache), inherited by every worker
+    os.environ.setdefault("FEATURIZE_ENGINES", str(work / "engines"))
     R = {"command": " ".join([os.path.relpath(sys.executable, ROOT), "benchmarks/bench.py", *sys.argv[1:]]),
          "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                      "load_before": os.getloadavg()},
