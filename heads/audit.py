@@ -170,7 +170,7 @@ def out_of_sample_proba(head, X, y, *, class_weight=None, seed=0, folds=5, n_job
     """
     from sklearn.model_selection import StratifiedKFold
 
-    from heads.parallel import plan_jobs, run_tasks
+    from heads.parallel import Progress, plan_jobs, run_tasks
     from heads.protocol import _fit_fold
 
     classes = sorted(set(y))
@@ -180,7 +180,8 @@ def out_of_sample_proba(head, X, y, *, class_weight=None, seed=0, folds=5, n_job
     tasks = [(head, X, y, tr, te, class_weight, seed, 1 if jobs > 1 else n_jobs) for tr, te in outer]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter from the sweep's extreme C values
-        results = run_tasks(_fit_fold, tasks, jobs)
+        bar = Progress(f"audit: {head} out-of-sample probabilities ({k}-fold CV)", k)  # stderr, once it is long
+        results = run_tasks(_fit_fold, tasks, jobs, lambda i, _: bar.step(f"fold {i + 1} scored"))
     proba = np.zeros((len(y), len(classes)))
     for (_, te), (_, _, p, _) in zip(outer, results):
         proba[te] = p  # stratified: every fold has every class, so the columns match `classes`
