@@ -9,6 +9,7 @@ The Python API (``featurize.api``; see the README's "Python API")::
     fz.Embedder(...)                                    # a scikit-learn transformer
     fit = fz.fit("data/", head="svm", cache="cache/")  # -> Fit (metrics, head file)
     fz.load_head(fit.path).predict(["new.jpg"])
+    found = fz.audit("data/", cache="cache/")          # -> Audit (label errors, duplicates, outliers)
 
 This package root stays free of torch (and of scikit-learn): the API's names are imported on
 first use, so ``import featurize`` is fast and ``heads`` can read the cache without torch.
@@ -18,7 +19,8 @@ from featurize.errors import UserError
 
 __version__ = "0.1.0"
 
-_API = ("embed", "Embedder", "load_features", "load_head", "fit", "Extraction", "Features", "Fit", "Head")
+_API = ("embed", "Embedder", "load_features", "load_head", "fit", "audit", "Extraction", "Features", "Fit", "Head",
+        "Audit")
 __all__ = ["UserError", "__version__", "extract", *_API]
 
 

@@ -6,6 +6,8 @@
     pipe = make_pipeline(fz.Embedder("efficientnet_lite0"), LogisticRegression())
     fit = fz.fit("data/", head="svm", cache="cache/")     # a Fit: metrics and the head file
     head = fz.load_head(fit.path); head.predict(["new.jpg"])
+    found = fz.audit("data/", cache="cache/")             # an Audit: label errors, duplicates, outliers
+    fz.fit("data/", head="svm", cache="cache/", exclude=found.paths["csv"])
 
 Importing this module is torch-free and fast: torch, timm and scikit-learn are imported by
 the functions that need them. Errors you can fix raise ``featurize.UserError`` worded for a
@@ -392,15 +394,48 @@ class Fit:
 
 @_api
 def fit(data=None, head: str = "logreg", cache=None, *, backbone: str | None = None, out=None,
-        class_weight: str | None = None, seed: int = 0, folds: int = 5, n_jobs: int | None = None) -> Fit:
+        class_weight: str | None = None, seed: int = 0, folds: int = 5, n_jobs: int | None = None,
+        exclude=None) -> Fit:
     """Fit a head (``logreg``, ``svm``, ``mlp``, ``knn``, ``centroid``, ...) on the cached features of
     ``data``, score it on held-out images (val/test split, else nested k-fold CV) and save it
-    (default ``<cache>/heads/<dataset>/<space>/<head>.joblib``). Torch-free."""
+    (default ``<cache>/heads/<dataset>/<space>/<head>.joblib``). ``exclude``: a file of images left
+    out of training only (an :func:`audit` CSV or a list of paths). Torch-free."""
     from heads.commands import fit_head
 
-    o = fit_head(_cache_dir(cache), head, data, backbone, out, class_weight, seed, folds, n_jobs)
+    o = fit_head(_cache_dir(cache), head, data, backbone, out, class_weight, seed, folds, n_jobs, exclude)
     s = o.summary
     return Fit(s["head"], s["paths"]["model"], s["space_id"], [str(c) for c in s["classes"]], s["metrics"], s)
+
+
+@dataclass(frozen=True)
+class Audit:
+    """What :func:`audit` found: ``rows`` has one dict per flagged image and issue (the CSV's rows)."""
+
+    label_issues: int
+    near_duplicate_groups: int
+    outliers: int
+    rows: list = field(repr=False)
+    paths: dict = field(default_factory=dict)
+    summary: dict = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.summary)
+
+
+@_api
+def audit(data=None, cache=None, *, backbone: str | None = None, head: str = "logreg",
+          class_weight: str | None = None, seed: int = 0, folds: int = 5, n_jobs: int | None = None,
+          threshold: float | None = None, out=None, html: bool = False) -> Audit:
+    """Suspected label errors (cleanlab on out-of-sample probabilities of ``head``), near-duplicates
+    (flagged across labels and splits) and outliers in the cached features of ``data``; writes
+    ``<cache>/reports/audit-<dataset>.csv/.json`` (and ``.html`` with ``html=True``). Torch-free."""
+    from heads.audit import DUP_THRESHOLD, audit_to_files
+
+    result, s = audit_to_files(_cache_dir(cache), data, backbone, head, class_weight=class_weight, seed=seed,
+                               folds=folds, n_jobs=n_jobs, out=out, html=html,
+                               threshold=DUP_THRESHOLD if threshold is None else threshold)
+    return Audit(s["label_issues"]["n"], s["near_duplicates"]["n_groups"], s["outliers"]["n"], result["rows"],
+                 s["paths"], s)
 
 
 class Head:

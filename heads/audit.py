@@ -459,31 +459,41 @@ def format_audit(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=None, seed=0, folds=5,
-              n_jobs=None, threshold: float = DUP_THRESHOLD, out=None, html: bool = False,
-              max_gallery: int = 60) -> dict:
-    """``featurize audit``: audit, print the summary, write CSV + JSON (+ HTML); returns the --json dict."""
-    result = audit(cache_dir, data, backbone, head, class_weight=class_weight, seed=seed, folds=folds, n_jobs=n_jobs,
-                   threshold=threshold)
+def audit_to_files(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=None, seed=0, folds=5,
+                   n_jobs=None, threshold: float = DUP_THRESHOLD, out=None, html: bool = False,
+                   max_gallery: int = 60) -> tuple[dict, dict]:
+    """Audit and write CSV + JSON (+ the HTML gallery) under ``<cache>/reports/`` (or ``out``), printing
+    nothing; returns ``(result, summary)``: :func:`audit`'s dict and the ``audit --json`` dict
+    (counts, top items, file paths, the refit command)."""
     from featurize.layout import Cache
 
+    result = audit(cache_dir, data, backbone, head, class_weight=class_weight, seed=seed, folds=folds, n_jobs=n_jobs,
+                   threshold=threshold)
     stem = Path(out) if out else Cache.of(cache_dir).audit_stem(result["index_path"])
     paths = write_audit(result, stem)
     if html:
         from heads.audit_html import build_gallery
 
         paths["html"] = build_gallery(result, stem.with_name(stem.name + ".html"), max_items=max_gallery)
-    print(format_audit(result))
-    print(f"written: {'  '.join(paths.values())}")
     summary = {k: v for k, v in result.items() if k != "rows"}
-    if result["rows"]:  # the last line: the command that refits without them, on the same data and cache
+    summary["near_duplicates"] = {k: v for k, v in result["near_duplicates"].items() if k != "groups"}
+    summary.update(n_flagged_images=len({r["path"] for r in result["rows"]}), paths=paths, refit_command=None)
+    if result["rows"]:  # the command that refits without them, on the same data, backbone and cache
         argv = ["python", "cli.py", "fit", "--head", head, "--data", result["dataset"], "--backbone",
                 result["backbone"], "--cache", str(cache_dir), "--exclude", paths["csv"]]
         summary["refit_command"] = " ".join(map(shlex.quote, argv))
+    return result, summary
+
+
+def run_audit(cache_dir, data=None, backbone=None, head="logreg", **options) -> dict:
+    """``featurize audit``: :func:`audit_to_files`, then print the summary; returns the --json dict."""
+    result, summary = audit_to_files(cache_dir, data, backbone, head, **options)
+    print(format_audit(result))
+    print(f"written: {'  '.join(summary['paths'].values())}")
+    if summary["refit_command"]:  # the last line
         print("to refit without the flagged images (edit the CSV first to keep some):")
         print(summary["refit_command"])
-    summary["near_duplicates"] = {k: v for k, v in result["near_duplicates"].items() if k != "groups"}
-    return {**summary, "n_flagged_images": len({r["path"] for r in result["rows"]}), "paths": paths}
+    return summary
 
 
 # --------------------------------------------------------------------------- --exclude

@@ -186,3 +186,18 @@ def test_similarity_pass_matches_brute_force_across_blocks():
     assert {tuple(p) for p in pairs.tolist()} == {tuple(p) for p in want_pairs.tolist()} and len(pairs) > 1
     np.testing.assert_allclose(np.sort(sims), np.sort(want_sims), atol=1e-4)
     np.testing.assert_allclose(topk, want_topk, atol=1e-5)
+
+
+def test_python_api_audit_then_fit_without_the_flagged_images(tmp_path, monkeypatch):
+    import featurize as fz
+
+    monkeypatch.setenv("FEATURIZE_HOME", str(tmp_path / "home"))
+    cache, root, roles = planted(tmp_path)
+    found = fz.audit(root, cache=cache, head="centroid")
+    assert (found.label_issues, found.near_duplicate_groups) == (1, 1) and found.outliers >= 1
+    assert {(r["issue"], r["path"]) for r in found.rows} >= {("label", roles["flipped"]), ("outlier", roles["outlier"])}
+    assert Path(found.paths["csv"]).is_file() and found.to_dict()["refit_command"].endswith(found.paths["csv"])
+    fit = fz.fit(root, head="centroid", cache=cache, exclude=found.paths["csv"])
+    assert fit.summary["exclude"]["excluded"] == len({r["path"] for r in found.rows}) and fit.summary["n_train"] < 44
+    with pytest.raises(fz.UserError, match=r"threshold"):
+        fz.audit(root, cache=cache, threshold=0)
