@@ -202,7 +202,7 @@ def label_issues(y, proba, classes) -> dict:
     codes = np.searchsorted(classes, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mask = find_label_issues(codes, proba, filter_by="prune_by_noise_rate", n_jobs=1)
+        mask = find_label_issues(codes, proba, filter_by="both", n_jobs=1)
         quality = get_label_quality_scores(codes, proba, method="self_confidence")
         joint = estimate_joint(codes, proba)
     suggested = np.asarray(classes)[proba.argmax(axis=1)]
