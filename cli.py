@@ -182,6 +182,7 @@ def add_report(sub) -> None:
     p.add_argument("--model", default=None, help="a head file written by `fit` (instead of --head/--data)")
     p.add_argument("--out", default=None, help="report folder (default: next to the head file)")
     p.add_argument("--max-errors", type=int, default=60, help="thumbnails in the error gallery")
+    p.add_argument("--trust", action="store_true", help="report on a head file this tool did not write")
     _common(p)
     p.set_defaults(func=cmd_report)
 
@@ -190,7 +191,7 @@ def cmd_report(args) -> dict:
     from heads.commands import run_report
 
     return run_report(_cache(args), head=args.head, model=args.model, data=args.data, backbone=args.backbone,
-                      out=args.out, max_errors=args.max_errors)
+                      out=args.out, max_errors=args.max_errors, trust=args.trust)
 
 
 HEAD_COMMANDS = [add_fit, add_compare, add_predict, add_report]
@@ -343,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # File names that are not UTF-8 are kept as Python does (lone surrogates for the raw bytes);
+    # print them as those bytes, as `ls` does, instead of failing in the middle of a table.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)

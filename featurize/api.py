@@ -229,6 +229,10 @@ class _Model:
         self.dim = self.backbone.dim
 
     def __call__(self, items: list, batch_size: int, workers: int | None) -> np.ndarray:
+        from featurize.options import check_batch_size, resolve_workers
+
+        check_batch_size(batch_size)
+        workers = resolve_workers(workers)
         out = np.empty((len(items), self.dim), np.float32)
         files = [i for i, x in enumerate(items) if _is_path(x)]
         arrays = [i for i, x in enumerate(items) if not _is_path(x)]

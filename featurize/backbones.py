@@ -96,7 +96,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot load weights {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        raise UserError(f"cannot load weights {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
                         "pass a .pth/.safetensors state dict") from None
     for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -45,13 +46,59 @@ STATUS_OK = "ok"
 STATUS_PENDING = "pending"
 
 
+class NotRegularFile(OSError):
+    """A path that names a FIFO, device, socket or folder: reading it can block forever or never end."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def not_regular_reason(mode: int) -> str:
+    """``""`` for a regular file, else the status reason naming what it is."""
+    if stat.S_ISREG(mode):
+        return ""
+    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+    return f"not a regular file ({kind})"
+
+
+def open_regular(path: str | os.PathLike):
+    """Open a file for binary reading only if it is a regular file (after following symlinks).
+
+    The open is non-blocking (a FIFO with no writer would block ``open`` itself) and the
+    check is on the open descriptor, so a file swapped for a FIFO after a scan is refused too.
+    Raises ``NotRegularFile`` (an ``OSError``) with the reason, or the ``open`` error.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        reason = not_regular_reason(os.fstat(fd).st_mode)
+        if reason:
+            raise NotRegularFile(reason)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def content_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Return the blake2b-128 hex digest of a file's bytes (the feature key)."""
+    """Return the blake2b-128 hex digest of a file's bytes (the feature key), read in chunks.
+
+    Only regular files are read (``NotRegularFile`` otherwise)."""
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_error_reason(e: OSError) -> str:
+    """The status reason for a file that could not be opened or read."""
+    if isinstance(e, NotRegularFile):
+        return str(e)
+    if isinstance(e, FileNotFoundError):
+        return "file not found (broken symlink?)"
+    return f"unreadable ({e.strerror or e})"
 
 
 def hash_files(paths: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
@@ -60,10 +107,8 @@ def hash_files(paths: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]
     for p in paths:
         try:
             hashes[p] = content_hash(p)
-        except FileNotFoundError:
-            errors.append((p, "file not found (broken symlink?)"))
         except OSError as e:
-            errors.append((p, f"unreadable ({e.strerror or e})"))
+            errors.append((p, read_error_reason(e)))
     return hashes, errors
 
 
@@ -482,6 +527,18 @@ def index_path(cache_dir: str | os.PathLike, root: str | os.PathLike) -> Path:
     return Cache.of(cache_dir).index_path(root)
 
 
+def fs_bytes(name: str) -> bytes:
+    """A file name as the bytes on disk. Python decodes names that are not UTF-8 (old archives,
+    Windows copies) with lone surrogates standing for the raw bytes; those bytes are what the
+    index stores, so such a name round-trips to the same file. Valid names are plain UTF-8."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def fs_str(raw) -> str:
+    """Inverse of :func:`fs_bytes` (HDF5 hands strings back as bytes or str)."""
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+
 def write_index(path: Path, index: DatasetIndex) -> None:
     """Atomically replace the dataset index file."""
     index.updated_at = time.time()
@@ -490,14 +547,15 @@ def write_index(path: Path, index: DatasetIndex) -> None:
         f.attrs.update(
             kind="index",
             schema_version=SCHEMA_VERSION,
-            root=index.root,
+            root=fs_bytes(index.root),
             layout=index.layout,
             classes=json.dumps(index.classes),
             extractions=json.dumps(index.extractions, sort_keys=True),
             updated_at=index.updated_at,
         )
         for name in ("path", "label", "split", "status"):
-            f.create_dataset(name, data=np.array(getattr(index, name), dtype=object), dtype=_STR)
+            raw = [fs_bytes(x) for x in getattr(index, name)]
+            f.create_dataset(name, data=np.array(raw, dtype=object), dtype=_STR)
         f.create_dataset("hash", data=np.array(index.hash, dtype=HASH_DTYPE))
         f.create_dataset("size", data=np.array(index.size, dtype=np.int64))
         f.create_dataset("mtime_ns", data=np.array(index.mtime_ns, dtype=np.int64))
@@ -515,13 +573,13 @@ def read_index(path: str | os.PathLike) -> DatasetIndex:
         with h5py.File(path, "r") as f:
             _check_schema(f, path, "index")
             idx = DatasetIndex(
-                root=str(f.attrs["root"]),
+                root=fs_str(f.attrs["root"]),
                 layout=str(f.attrs["layout"]),
                 extractions=json.loads(f.attrs["extractions"]),
                 updated_at=float(f.attrs["updated_at"]),
             )
             for name in ("path", "label", "split", "status"):
-                setattr(idx, name, [x.decode() if isinstance(x, bytes) else x for x in f[name][()]])
+                setattr(idx, name, [fs_str(x) for x in f[name][()]])
             idx.hash = [x.decode() for x in f["hash"][()]]
             idx.size = f["size"][()].tolist()
             idx.mtime_ns = f["mtime_ns"][()].tolist()
@@ -561,6 +619,8 @@ def find_index(cache_dir: str | os.PathLike, data: str | os.PathLike | None = No
                                 f"(extracted folders: `cache --cache {cache_dir}`)")
             raise UserError(f"{data} has not been extracted into {cache_dir}; run `extract {data}` first")
         return p, read_index(p)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UserError(f"--cache {cache_dir} is a file, not a folder; pass the cache folder `extract` wrote")
     if not cache_dir.is_dir():
         raise UserError(f"the cache folder {cache_dir} does not exist; check --cache, or run `extract DATA` first")
     found = list_indexes(cache_dir) if Cache.of(cache_dir).datasets_dir.is_dir() else []

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from featurize.cache import not_regular_reason
 from featurize.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -116,7 +117,8 @@ def scan(root: str | os.PathLike) -> Scan:
             split, label = "", (p[0] if len(p) > 1 else "")
         try:
             st = dirent.stat()  # follows symlinks, like os.stat
-            entries.append(Entry(rel, label, split, st.st_size, st.st_mtime_ns))
+            # a FIFO or device named like an image would block or never end when read
+            entries.append(Entry(rel, label, split, st.st_size, st.st_mtime_ns, error=not_regular_reason(st.st_mode)))
         except FileNotFoundError:
             entries.append(Entry(rel, label, split, -1, -1, error="broken symlink"))
         except OSError as e:

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
+from featurize.options import check_out_dir
+
 
 def write_digits(folder: str | Path = "data/digits", size: int = 64) -> Path:
     """Write the digits as ``folder/<0-9>/<i>.png`` (skipping files already there); return the folder."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    folder = Path(folder)
+    folder = check_out_dir(folder, "--out")
     digits = load_digits()
     for i, (img, label) in enumerate(zip(digits.images, digits.target)):
         path = folder / str(label) / f"{i:04d}.png"

@@ -45,20 +45,11 @@ import torch
 
 from featurize import enginestore
 from featurize.errors import UserError
+from featurize.options import ENGINES, cpu_cores  # noqa: F401  (cpu_cores re-exported)
 
 #: Minimum cosine similarity between any engine's vector and the fp32 PyTorch vector of the
 #: same image for the two to count as the same feature space.
 COSINE_TOLERANCE = 0.995
-
-ENGINES = ("auto", "torch", "openvino")
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (affinity/cgroup aware where the OS says)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def default_engine_threads() -> int:

@@ -24,6 +24,7 @@ from featurize import __version__, enginestore, fastdecode, fastpath
 from featurize import cache as fc
 from featurize.dataset import scan
 from featurize.errors import Interrupted, UserError
+from featurize.options import check_batch_size, check_cache_dir, check_engine, resolve_workers
 from featurize.registry import PACKAGED_WEIGHTS
 
 #: Wall-clock stages of an extract, in order; "other" is the named remainder (lock, planning, ...).
@@ -53,7 +54,7 @@ def _hash_entries(root: str, scan_entries, old: fc.DatasetIndex | None) -> tuple
             hashed += 1
         except OSError as err:
             hashes.append("")
-            statuses.append(f"error: unreadable ({err.strerror or err})")
+            statuses.append(f"error: {fc.read_error_reason(err)}")
     return hashes, statuses, hashed
 
 
@@ -179,8 +180,10 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
     """
     t_start = time.perf_counter()
     cache_dir = fc.default_cache_dir() if cache_dir is None else cache_dir
-    if batch_size < 1 or (workers is not None and workers < 0):
-        raise UserError("--batch-size must be >= 1 and --workers >= 0")
+    check_cache_dir(cache_dir)
+    check_batch_size(batch_size)
+    resolve_workers(workers)  # checked before any work
+    check_engine(engine)
     # wall-clock stages; they do not overlap, so with "other" they add up to the call's wall time
     seconds = dict.fromkeys(STAGES, 0.0)
     t = time.perf_counter()
@@ -220,7 +223,7 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         if (todo is None or todo) and lean is None:  # unknown request or work to do: build the model (torch)
             t = time.perf_counter()  # importing torch is part of loading the model (2-5 s)
             try:
-                from featurize.pipeline import build_extractor, default_workers, run_pipeline, tune_allocator
+                from featurize.pipeline import build_extractor, run_pipeline, tune_allocator
 
                 tune_allocator()
                 ex = build_extractor(cache_dir, backbone, weights, device, precision, engine)
@@ -247,8 +250,10 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
 
         failed: dict[str, str] = {}
         written, interrupted = 0, False
+        # more workers than cores only cost memory: --workers 999 forked 836 processes (18 GB)
+        n_workers = (fastpath.cpu_cores() if lean else resolve_workers(None)) if workers is None \
+            else resolve_workers(workers)
         if todo:
-            n_workers = (fastpath.cpu_cores() if lean else default_workers()) if workers is None else workers
             run = fastpath.run_lean if lean else run_pipeline
             written, interrupted = run(lean or ex, todo, batch_size, n_workers, seconds, progress, failed.__setitem__)
             known = space.known_hashes()
@@ -288,7 +293,7 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         "dataset": sc.root, "layout": sc.layout, "backbone": run.get("backbone"), "space_id": sid,
         "dim": run.get("dim") or space.info()["dim"], "device": run.get("device"), "precision": run.get("precision"),
         "engine": run.get("engine"),
-        "images": len(sc.entries), "classes": len(index.classes), "ignored_files": sc.ignored,
+        "images": len(sc.entries), "classes": len(index.classes), "ignored_files": sc.ignored, "workers": n_workers,
         "hashed": n_hashed, "embedded": written,
         "cached": n_ok - written - duplicates, "duplicates": duplicates,
         "n_label_conflicts": len(conflicts), "label_conflicts": conflicts[:50],
@@ -389,6 +394,9 @@ def embed_paths(paths: list[str], space_id: str, cache_dir=None, batch_size: int
     added to the cache. Raises ``UserError`` if the space is unknown or its weights changed.
     """
     cache_dir = fc.default_cache_dir() if cache_dir is None else cache_dir
+    check_cache_dir(cache_dir)
+    check_batch_size(batch_size)
+    workers = resolve_workers(workers)
     space = fc.FeatureSpace(cache_dir, space_id)
     info = space.info()
 
@@ -418,13 +426,12 @@ def embed_files(space: fc.FeatureSpace, paths: list[str], build, batch_size: int
     found = space.vectors_for(hashes)
     todo = list({h: p for p, h in hashes.items() if p not in found}.items())  # one file per new hash
     if todo:
-        from featurize.pipeline import default_workers, run_pipeline, tune_allocator
+        from featurize.pipeline import run_pipeline, tune_allocator
 
         tune_allocator()
         ex = build()
         failed: dict[str, str] = {}
-        run_pipeline(ex, todo, batch_size, default_workers() if workers is None else workers, {}, False,
-                     failed.__setitem__)
+        run_pipeline(ex, todo, batch_size, resolve_workers(workers), {}, False, failed.__setitem__)
         errors += [(p, failed[h]) for p, h in hashes.items() if h in failed]
         found.update(space.vectors_for({p: h for p, h in hashes.items() if p not in found and h not in failed}))
     return found, errors

@@ -42,7 +42,8 @@ from featurize import cache as fc
 from featurize.backbones import RUN_META, Backbone, get_backbone, resolve_device, resolve_precision
 from featurize.errors import Interrupted, UserError
 from featurize.images import ImageError, read_image
-from featurize.pipeline import default_workers, reader, tune_allocator, worker_init
+from featurize.options import check_batch_size, check_out_dir, check_seed, int_at_least, number_in, resolve_workers
+from featurize.pipeline import reader, tune_allocator, worker_init
 
 SPLIT_FILE = "split.json"
 
@@ -68,6 +69,26 @@ class FinetuneConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     workers: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse unusable values with one line each (they reached torch or numpy as tracebacks,
+        or silently meant something else: --patience -1 stopped at epoch 0)."""
+        int_at_least("--epochs", self.epochs, 1)
+        int_at_least("--batch-size", self.batch_size, 1)
+        number_in("--lr", self.lr, 0, 10, low_open=True)
+        number_in("--weight-decay", self.weight_decay, 0, 10)
+        number_in("--warmup", self.warmup, 0, 1, high_open=True)
+        number_in("--val-fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        int_at_least("--patience", self.patience, 0)
+        check_seed(self.seed)
+        for name, v in (("--max-train", self.max_train), ("--max-steps", self.max_steps)):
+            if v is not None:
+                int_at_least(name, v, 1)
+        if self.workers is not None:
+            resolve_workers(self.workers)
+        if self.init not in ("probe", "random"):
+            raise UserError(f"--init {self.init!r}: use probe or random")
+        parse_unfreeze(self.unfreeze)
 
 
 # --------------------------------------------------------------------------- data
@@ -467,13 +488,8 @@ def start_run(plan: DataPlan, space_info: dict, cfg: FinetuneConfig, out: str | 
     from ``heads.linear`` (required unless ``cfg.init == "random"``). Raises ``UserError``
     for bad options or a probe whose classes differ from the data's.
     """
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
-    if cfg.init not in ("probe", "random"):
-        raise UserError(f"--init {cfg.init!r}: use probe or random")
     class_weights(plan, cfg)  # validates --class-weight before anything is built
-    parse_unfreeze(cfg.unfreeze)
-    out = Path(out)
+    out = check_out_dir(out)
     if (out / RUN_META).exists():
         raise UserError(f"{out} already holds a run; resume it with `finetune --resume {out}` or pick another --out")
     build = space_info.get("build", {})
@@ -542,6 +558,8 @@ def train(out: str | os.PathLike, log=None) -> dict:
     """
     log = log or sys.stderr
     out = Path(out)
+    if not (out / RUN_META).is_file():
+        raise UserError(f"{out} is not a fine-tuning run folder (no {RUN_META}); pass a runs/ft-NNN folder to --resume")
     meta = json.loads((out / RUN_META).read_text())
     if meta["status"] == "finished":
         raise UserError(f"{out} has already finished; start a new run with `finetune`")
@@ -561,7 +579,7 @@ def train(out: str | os.PathLike, log=None) -> dict:
     opt = make_optimizer(model, cfg)
     if resumed_from >= 0:
         _load_optimizer(opt, {k: v.to(device) for k, v in sd.items()}, meta["optimizer_groups"])
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = resolve_workers(cfg.workers)
     scaler = torch.amp.GradScaler(device.type) if prec == "fp16" else None
     steps_per_epoch = math.ceil(len(plan.train) / cfg.batch_size)
     if cfg.max_steps:
@@ -697,8 +715,9 @@ def predict_run(run_dir: str | os.PathLike, paths: list[str], batch_size: int = 
     Returns ``(probs (n_ok, C) float32, classes, ok_paths, errors [(path, reason)])``;
     unreadable files are reported in ``errors``, never raised.
     """
+    check_batch_size(batch_size)
+    workers = resolve_workers(workers)
     bb, model, dev, dtype, classes = load_run_model(run_dir, device)
-    workers = default_workers() if workers is None else workers
     probs, ok, errors = [], [], []
     with torch.inference_mode():
         for b in reader(list(paths), bb.preprocess, batch_size, workers):

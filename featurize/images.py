@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from featurize.cache import open_regular, read_error_reason
+
 # Pillow's own bomb limit is a warning up to 2x; we refuse anything above it outright.
 MAX_PIXELS = 89_478_485
 
@@ -92,12 +94,10 @@ def decode_bytes(data: bytes) -> torch.Tensor:
 def read_bytes(path: str) -> bytes:
     """Read a file's bytes; raises ``ImageError`` (missing, broken symlink, unreadable)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO or device is refused, never read
             return f.read()
-    except FileNotFoundError:
-        raise ImageError("file not found (broken symlink?)") from None
     except OSError as e:
-        raise ImageError(f"unreadable ({e.strerror or e})") from None
+        raise ImageError(read_error_reason(e)) from None
 
 
 def read_image(path: str) -> torch.Tensor:

@@ -40,7 +40,7 @@ def dataset_key(root: str | os.PathLike) -> str:
     """Return the file stem for a dataset folder: ``<folder name>-<8 hex of its real path>``."""
     real = os.path.realpath(root)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(real.rstrip("/")) or "root")[:40]
-    return f"{name}-{hashlib.sha1(real.encode()).hexdigest()[:8]}"
+    return f"{name}-{hashlib.sha1(os.fsencode(real)).hexdigest()[:8]}"
 
 
 class Cache(os.PathLike):

@@ -26,6 +26,7 @@ from featurize.backbones import Backbone, get_backbone, resolve_device, resolve_
 from featurize.engines import make_engine
 from featurize.fastpath import drive
 from featurize.images import ImageError, Preprocess, read_image
+from featurize.options import resolve_workers
 
 
 def tune_allocator() -> None:
@@ -47,7 +48,7 @@ def tune_allocator() -> None:
 
 
 def default_workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 8))
+    return resolve_workers(None)
 
 
 # --------------------------------------------------------------------------- reader
@@ -103,6 +104,7 @@ def worker_init(_):
 
 def reader(paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool = False):
     """Yield batches ``{index, images (uint8 NCHW), errors [(i, reason)], decode_s}`` in order."""
+    workers = resolve_workers(workers)  # never more processes than cores (each holds a decoder's memory)
     loader = DataLoader(
         ImageReader(paths, preprocess), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
         worker_init_fn=worker_init if workers else None, pin_memory=pin,

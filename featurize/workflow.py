@@ -38,6 +38,11 @@ def predict(cache, inputs: list[str], head: str = "logreg", model=None, data=Non
     ``model`` is a head file or a fine-tuning run folder; otherwise the ``head`` fitted on ``data``
     with ``backbone`` (latest extraction when None) is used.
     """
+    from featurize.options import check_batch_size
+    from heads.predict import check_top_k
+
+    check_batch_size(batch_size)  # checked even when every input is cached
+    check_top_k(top_k)
     if is_run_folder(model):
         return _predict_with_run(inputs, model, top_k, fmt, batch_size, device)
     from heads.commands import run_predict

@@ -16,11 +16,13 @@ from pathlib import Path
 
 from featurize.errors import UserError
 from featurize.layout import Cache
+from featurize.options import check_out_dir, check_out_file, int_at_least
 from heads.audit import exclusion, warn_leaks
 from heads.metrics import format_metrics
-from heads.protocol import evaluate, head_path, load_labelled
+from heads.predict import check_top_k
+from heads.protocol import check_eval_options, evaluate, head_path, load_labelled
 from heads.registry import check_head_name, describe_heads
-from heads.store import check_space, load_head, read_meta, save_head
+from heads.store import check_space, load_head, read_trusted_meta, save_head
 
 
 @dataclass
@@ -47,7 +49,10 @@ def fit_head(cache_dir, head="logreg", data=None, backbone=None, out=None, class
     (an audit CSV or a list of paths) left out of training only. Raises ``UserError`` for an
     unknown head, an empty cache or unusable labels.
     """
-    check_head_name(head)  # a typo fails before any file is read
+    check_head_name(head)  # a typo or a bad option fails before any file is read
+    check_eval_options(folds, seed, n_jobs)
+    if out:
+        check_out_file(out)
     t0 = time.perf_counter()
     lf = load_labelled(cache_dir, data, backbone)
     load_s = time.perf_counter() - t0
@@ -124,6 +129,11 @@ def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, clas
     from featurize.cache import find_index
     from heads.compare import compare, format_leaderboard, write_leaderboard
 
+    check_eval_options(folds, seed, n_jobs)
+    if heads is not None and not heads:
+        raise UserError("--heads is empty; pass comma-separated head names (e.g. logreg,svm) or leave it out for all")
+    if backbones is not None and not backbones:
+        raise UserError("--backbones is empty; pass comma-separated backbones or leave it out for all cached")
     ipath, _ = find_index(cache_dir, data)
     result = compare(cache_dir, data, heads, backbones, class_weight=class_weight, seed=seed, folds=folds,
                      n_jobs=n_jobs, log=not quiet, exclude=exclude)
@@ -190,6 +200,7 @@ def run_predict(cache_dir, inputs, head="logreg", model=None, data=None, backbon
     from heads.predict import format_rows, predict_files
 
     t0 = time.perf_counter()
+    check_top_k(top_k)
     path = _head_file(cache_dir, head, model, data, backbone)
     estimator, meta = load_head(path, trust=trust)
     _check_backbone(meta, backbone, path)
@@ -225,16 +236,24 @@ def run_predict(cache_dir, inputs, head="logreg", model=None, data=None, backbon
             "timings": {"total_s": round(time.perf_counter() - t0, 3)}}
 
 
-def run_report(cache_dir, head="logreg", model=None, data=None, backbone=None, out=None, max_errors=60) -> dict:
+def run_report(cache_dir, head="logreg", model=None, data=None, backbone=None, out=None, max_errors=60,
+               trust=False) -> dict:
     """Write the HTML report (+ PNGs) of a fitted head; reads only its JSON metadata, never the pickle."""
     from heads.report import build_report
 
+    int_at_least("--max-errors", max_errors, 0, what=" (0: no gallery)")
+    if out:
+        check_out_dir(out)
     path = _head_file(cache_dir, head, model, data, backbone)
-    meta = read_meta(path)
+    meta = read_trusted_meta(path, trust=trust)
     _check_backbone(meta, backbone, path)
     out_dir = Path(out) if out else path.with_name(f"{path.stem}-report")
     t0 = time.perf_counter()
-    files = build_report(meta, out_dir, max_errors=max_errors)
+    try:
+        files = build_report(meta, out_dir, max_errors=max_errors)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a trusted but hand-edited sidecar
+        raise UserError(f"{path.with_suffix('.json')} is not a head's metadata as `fit` writes it "
+                        f"({type(e).__name__}: {e}); re-run `fit`") from None
     print(f"report: {files['html']}  ({len(files['pngs'])} PNGs, {files['gallery']} misclassified thumbnails, "
           f"{time.perf_counter() - t0:.1f} s)")
     return {"model": str(path), "paths": files, "metrics": meta.get("metrics")}

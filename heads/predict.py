@@ -15,6 +15,7 @@ import numpy as np
 
 from featurize.cache import FeatureSpace, hash_files
 from featurize.errors import UserError
+from featurize.options import int_at_least
 
 Embed = Callable[[list], tuple]  # paths -> (X, ok_paths, [(path, reason)])
 
@@ -65,13 +66,18 @@ def predict_files(estimator, meta: dict, paths: list[str], cache_dir, embed: Emb
 def rows_from_proba(paths: list[str], proba, classes, top_k: int = 3) -> list[dict]:
     """One row per path: ``{path, label, probability, top_k: [[label, p], ...]}`` (most probable first)."""
     classes = [str(c) for c in classes]
-    k = max(1, min(top_k, len(classes)))
+    k = min(check_top_k(top_k), len(classes))
     rows = []
     for p, pr in zip(paths, np.asarray(proba)):
         top = np.argsort(-pr)[:k]
         rows.append({"path": p, "label": classes[top[0]], "probability": float(pr[top[0]]),
                      "top_k": [[classes[j], float(pr[j])] for j in top]})
     return rows
+
+
+def check_top_k(top_k) -> int:
+    """``--top-k`` lists at least the predicted label: refuse 0 and negatives (they silently meant 1)."""
+    return int_at_least("--top-k", top_k, 1)
 
 
 def format_rows(rows: list[dict], fmt: str = "table") -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from featurize.errors import UserError
+from featurize.options import check_folds, check_n_jobs, check_seed
 from heads.metrics import compute_metrics, summarize_folds
 from heads.parallel import Progress, capped_threads, plan_jobs, run_tasks
 from heads.registry import check_head_name, make_head, resolve_alias
@@ -67,6 +68,13 @@ def has_split(splits) -> bool:
     """True when the rows carry a train split and at least one held-out split."""
     s = set(np.asarray(splits).tolist())
     return "train" in s and bool(s & {"val", "test"})
+
+
+def check_eval_options(folds=5, seed=0, n_jobs=None) -> None:
+    """Raise ``UserError`` for an unusable ``folds``/``seed``/``n_jobs`` (before any file is read)."""
+    check_folds(folds)
+    check_seed(seed)
+    check_n_jobs(n_jobs)
 
 
 def check_labels(y, splits=None, folds: int = 5) -> None:
@@ -159,6 +167,7 @@ def evaluate(head: str, X, y, splits=None, paths=None, *, class_weight=None, see
     X, y = np.asarray(X), np.asarray(y).astype(str)
     splits = np.asarray(splits if splits is not None else [""] * len(y)).astype(str)
     paths = np.asarray(paths if paths is not None else [""] * len(y)).astype(str)
+    check_eval_options(folds, seed, n_jobs)
     check_labels(y, splits, folds)
     exclude = np.zeros(len(y), bool) if exclude is None else np.asarray(exclude, bool)
     if exclude.any():

@@ -17,6 +17,30 @@ from heads.metrics import SCALARS
 THUMB = 128
 
 
+def _displayable(obj):
+    """Strings made safe to print, plot and encode: a file name that is not UTF-8 (kept in the
+    index as its raw bytes) shows with U+FFFD in place of each undecodable byte."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if isinstance(obj, dict):
+        return {_displayable(k): _displayable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_displayable(v) for v in obj]
+    return obj
+
+
+def _e(value) -> str:
+    """Every value that reaches the page is escaped: the sidecar is a JSON file anyone can edit."""
+    return html.escape(str(value), quote=True)
+
+
+def _f(value, spec: str) -> str:
+    """A number formatted with ``spec``; anything else (an edited sidecar) shown escaped as is."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return _e(value)
+
+
 def _png(fig, path: Path) -> str:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     buf = io.BytesIO()
@@ -80,15 +104,15 @@ def _thumb(path: str) -> str | None:
 
 
 def _metrics_table(metrics: dict) -> str:
-    head = "".join(f"<th>{html.escape(p)}</th>" for p in metrics)
+    head = "".join(f"<th>{_e(p)}</th>" for p in metrics)
     rows = []
     for k in SCALARS:
         cells = []
         for m in metrics.values():
             if "mean" in m:
-                v = f"{m['mean'][k]:.4f} &plusmn; {m['std'][k]:.4f}" if k in m["mean"] else "-"
+                v = f"{_f(m['mean'][k], '.4f')} &plusmn; {_f(m['std'][k], '.4f')}" if k in m["mean"] else "-"
             else:
-                v = f"{m[k]:.4f}" if k in m else "-"
+                v = _f(m[k], ".4f") if k in m else "-"
             cells.append(f"<td>{v}</td>")
         if any(c != "<td>-</td>" for c in cells):
             rows.append(f"<tr><th>{k}</th>{''.join(cells)}</tr>")
@@ -97,8 +121,8 @@ def _metrics_table(metrics: dict) -> str:
 
 def _per_class_table(m: dict) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(c)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
-        f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>" for c, v in m["per_class"].items())
+        f"<tr><td>{_e(c)}</td><td>{_f(v['precision'], '.3f')}</td><td>{_f(v['recall'], '.3f')}</td>"
+        f"<td>{_f(v['f1'], '.3f')}</td><td>{_f(v['support'], 'd')}</td></tr>" for c, v in m["per_class"].items())
     return f"<table><tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr>{rows}</table>"
 
 
@@ -120,6 +144,8 @@ def build_report(meta: dict, out_dir, max_errors: int = 60) -> dict:
     matplotlib.use("Agg")  # headless: no display needed
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    raw_errors, raw_root = meta.get("errors", []), meta.get("dataset", "")  # raw: they name files on disk
+    meta = _displayable(meta)
     metrics = meta["metrics"]
     pngs, sections = [], []
     for part, m in metrics.items():
@@ -129,37 +155,38 @@ def build_report(meta: dict, out_dir, max_errors: int = 60) -> dict:
             b64 = _png(fig, p)
             pngs.append(str(p))
             sections.append((part, kind, b64))
-    figs = "".join(f'<img alt="{k} {html.escape(part)}" src="data:image/png;base64,{b}" style="max-width:100%;'
+    figs = "".join(f'<img alt="{k} {_e(part)}" src="data:image/png;base64,{b}" style="max-width:100%;'
                    f'margin-right:16px">' for part, k, b in sections)
-    per_class = "".join(f"<h3>{html.escape(part)} (n={m['n']})</h3>{_per_class_table(m)}" for part, m in metrics.items())
+    per_class = "".join(f"<h3>{_e(part)} (n={_f(m['n'], 'd')})</h3>{_per_class_table(m)}"
+                        for part, m in metrics.items())
     cards = []
-    for e in meta.get("errors", [])[:max_errors]:
-        b64 = _thumb(os.path.join(meta.get("dataset", ""), e["path"]))  # index paths are root-relative
+    for raw, e in list(zip(raw_errors, meta.get("errors", [])))[:max_errors]:
+        b64 = _thumb(os.path.join(raw_root, raw["path"]))  # index paths are root-relative
         img = f'<img src="data:image/jpeg;base64,{b64}" alt="">' if b64 else '<div class="bad">(image missing)</div>'
-        prob = f" ({e['prob']:.2f})" if e.get("prob") is not None else ""
-        cards.append(f"<figure>{img}<figcaption>true <b>{html.escape(e['true'])}</b><br>"
-                     f"pred <b class=bad>{html.escape(e['pred'])}</b>{prob}<br>{html.escape(Path(e['path']).name)}"
+        prob = f" ({_f(e['prob'], '.2f')})" if e.get("prob") is not None else ""
+        cards.append(f"<figure>{img}<figcaption>true <b>{_e(e['true'])}</b><br>"
+                     f"pred <b class=bad>{_e(e['pred'])}</b>{prob}<br>{_e(Path(e['path']).name)}"
                      f"</figcaption></figure>")
     n_err = len(meta.get("errors", []))
     gallery = (f"<p>{n_err} misclassified held-out images; {len(cards)} shown, taken in turn from each true "
                f"class, the most confident mistakes first.</p><div class=g>{''.join(cards)}</div>"
                if cards else "<p>No misclassified held-out images.</p>")
-    t = meta.get("timings", {})
+    t = meta.get("timings") if isinstance(meta.get("timings"), dict) else {}
     title = f"featurize head {meta.get('head')} on {Path(str(meta.get('dataset'))).name}"
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{_e(title)}</title>
 <style>{CSS}</style></head><body>
-<h1>{html.escape(title)}</h1>
-<p class=meta>dataset {html.escape(str(meta.get('dataset')))} &middot; backbone {html.escape(str(meta.get('backbone')))}
-({html.escape(str(meta.get('space_id')))}) &middot; head {html.escape(str(meta.get('resolved')))}
-&middot; protocol {html.escape(str(meta.get('protocol')))} &middot; {meta.get('n_images')} images,
-{len(meta.get('classes', []))} classes &middot; class weight {meta.get('class_weight') or 'none'} &middot; seed {meta.get('seed')}
-<br>best hyper-parameters {html.escape(str(meta.get('best_params')))} &middot; fit {t.get('fit_s', 0):.2f} s
-(protocol {t.get('eval_s', 0):.2f} s) &middot; report written {time.strftime('%Y-%m-%d %H:%M')}</p>
+<h1>{_e(title)}</h1>
+<p class=meta>dataset {_e(meta.get('dataset'))} &middot; backbone {_e(meta.get('backbone'))}
+({_e(meta.get('space_id'))}) &middot; head {_e(meta.get('resolved'))}
+&middot; protocol {_e(meta.get('protocol'))} &middot; {_f(meta.get('n_images'), 'd')} images,
+{len(meta.get('classes', []))} classes &middot; class weight {_e(meta.get('class_weight') or 'none')} &middot; seed {_f(meta.get('seed'), 'd')}
+<br>best hyper-parameters {_e(meta.get('best_params'))} &middot; fit {_f(t.get('fit_s', 0), '.2f')} s
+(protocol {_f(t.get('eval_s', 0), '.2f')} s) &middot; report written {time.strftime('%Y-%m-%d %H:%M')}</p>
 <h2>Metrics</h2>{_metrics_table(metrics)}
 <h2>Confusion matrix and per-class scores</h2>{figs}
 <h2>Per class</h2>{per_class}
 <h2>Misclassified held-out images</h2>{gallery}
 </body></html>"""
     html_path = out / "report.html"
-    html_path.write_text(page)
+    html_path.write_text(page, encoding="utf-8")
     return {"html": str(html_path), "pngs": pngs, "gallery": len(cards)}

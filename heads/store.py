@@ -50,9 +50,11 @@ def _read_trust() -> dict:
         raise UserError(f"{trust_file()} is damaged; delete it (heads will then need --trust once)") from None
 
 
-def _trust(digest: str, path) -> None:
+def _trust(digest: str, path, meta_digest: str | None = None) -> None:
     reg = _read_trust()
     reg[digest] = {"path": str(Path(path).resolve()), "trusted_at": time.time()}
+    if meta_digest:  # the sidecar's digest too: `report` reads only the sidecar
+        reg[digest]["meta_sha256"] = meta_digest
     f = trust_file()
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
@@ -86,9 +88,9 @@ def save_head(path, estimator, meta: dict) -> dict:
     joblib.dump({"format": FORMAT, "meta": meta, "estimator": estimator}, tmp, compress=3)
     os.replace(tmp, path)
     digest = file_digest(path)
-    _trust(digest, path)
     meta_path = path.with_suffix(".json")
     meta_path.write_text(json.dumps({**meta, "sha256": digest}, indent=1, default=str))
+    _trust(digest, path, file_digest(meta_path))
     return {"path": str(path), "meta_path": str(meta_path), "sha256": digest}
 
 
@@ -97,7 +99,39 @@ def read_meta(path) -> dict:
     meta_path = Path(path).with_suffix(".json")
     if not meta_path.exists():
         raise UserError(f"{meta_path} is missing; re-run `fit` to write the head and its metadata")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{meta_path} cannot be read ({type(e).__name__}: {e}); re-run `fit`") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path} is not a head's metadata (a JSON object); re-run `fit`")
+    return meta
+
+
+def read_trusted_meta(path, trust: bool = False) -> dict:
+    """The sidecar of a head, under the same trust rule as :func:`load_head`.
+
+    ``report`` reads only the sidecar (never the pickle), yet it puts the sidecar's text into
+    a web page and reads the image files it names: a head from elsewhere is refused unless
+    ``trust`` (CLI ``--trust``), as is a sidecar changed after `fit` wrote it or one that
+    belongs to another head file. With ``trust`` the pair is recorded as trusted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no head file at {path}; run `fit` first or pass --model PATH")
+    meta = read_meta(path)
+    digest, meta_digest = file_digest(path), file_digest(path.with_suffix(".json"))
+    entry = _read_trust().get(digest)
+    if not trust:
+        if entry is None:
+            raise UserError(f"refusing to report on {path}: its SHA-256 {digest[:16]}... was not recorded by this tool "
+                            "(a head from elsewhere or modified); pass --trust if you trust its source")
+        if entry.get("meta_sha256", meta_digest) != meta_digest or meta.get("sha256", digest) != digest:
+            raise UserError(f"refusing to report on {path}: {path.with_suffix('.json').name} was changed after `fit` "
+                            "wrote it or belongs to another head; re-run `fit`, or pass --trust")
+    elif entry is None or entry.get("meta_sha256") != meta_digest:
+        _trust(digest, path, meta_digest)
+    return meta
 
 
 def check_space(meta: dict, space_id: str, backbone: str | None = None, path="head") -> None:

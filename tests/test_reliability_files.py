@@ -1,0 +1,123 @@
+"""Hostile and unlucky files (issue 10): names that are not UTF-8, FIFOs and devices, a head's
+sidecar edited to inject HTML. Each test reproduces what an adversarial trial found."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import cli
+from cachebuild import build_cache
+from conftest import make_image
+from featurize.cache import index_path, read_index
+
+
+def _main(argv, capsys):
+    """``cli.main`` in-process; with ``capsysbinary`` the output is decoded as the bytes written
+    (a file name that is not UTF-8 is printed as its raw bytes, as `ls` does)."""
+    rc = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    dec = (lambda b: b.decode("utf-8", "surrogateescape")) if isinstance(out.out, bytes) else str
+    return rc, dec(out.out), dec(out.err)
+
+
+def test_non_utf8_names_round_trip(tmp_path, capsysbinary, monkeypatch):
+    """A file and a class folder whose names are not UTF-8 are embedded, stored as their raw
+    bytes and lead back to the same files; fit/predict/report print them without failing."""
+    monkeypatch.setenv("FEATURIZE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    data = tmp_path / "data"
+    bad_file = os.fsdecode(b"bad_\xff\xfename.jpg")
+    bad_cls = os.fsdecode(b"cls_\xe9")
+    for i in range(3):
+        make_image(data / "a" / (bad_file if i == 0 else f"{i}.jpg"), i)
+        make_image(data / bad_cls / f"{i}.jpg", 10 + i)
+    rc, out, err = _main(["extract", data, "--cache", tmp_path / "c", "--backbone", "tiny", "--no-progress",
+                          "--workers", "0", "--json"], capsysbinary)
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["ok"] == 6
+    idx = read_index(index_path(tmp_path / "c", data))
+    assert set(idx.status) == {"ok"} and bad_cls in idx.classes
+    assert f"a/{bad_file}" in idx.path and f"{bad_cls}/0.jpg" in idx.path
+    for p in idx.path:  # every stored name leads back to its file, byte for byte
+        assert os.path.isfile(os.path.join(os.fsencode(idx.root), os.fsencode(p)))
+    assert _main(["fit", "--cache", tmp_path / "c", "--head", "centroid", "--folds", "3"], capsysbinary)[0] == 0
+    rc, out, _ = _main(["predict", data / "a", "--cache", tmp_path / "c", "--head", "centroid"], capsysbinary)
+    assert rc == 0 and bad_file in out
+    assert _main(["report", "--cache", tmp_path / "c", "--head", "centroid"], capsysbinary)[0] == 0
+
+
+@pytest.fixture
+def specials(tmp_path):
+    """A folder with one good image, a FIFO and a symlink to /dev/zero, all named like images."""
+    data = tmp_path / "data"
+    make_image(data / "good.jpg", 1)
+    make_image(data / "good2.png", 2)
+    os.mkfifo(data / "fifo.jpg")
+    os.symlink("/dev/zero", data / "zero.jpg")
+    return data
+
+
+def test_fifo_and_device_are_recorded_not_read(specials, tmp_path, capsys, monkeypatch):
+    """Nothing opens them for reading (a FIFO blocks forever, /dev/zero never ends): the index
+    records why, and predict lists them as skipped."""
+    monkeypatch.setenv("FEATURIZE_HOME", str(tmp_path / "home"))
+    rc, out, err = _main(["extract", specials, "--cache", tmp_path / "c", "--backbone", "tiny", "--no-progress",
+                          "--workers", "0", "--json"], capsys)
+    assert rc == 0, err
+    errors = {e["path"]: e["reason"] for e in json.loads(out.strip().splitlines()[-1])["errors"]}
+    assert errors == {"fifo.jpg": "not a regular file (a FIFO)", "zero.jpg": "not a regular file (a character device)"}
+    from featurize.cache import hash_files
+
+    hashes, bad = hash_files([str(specials / "fifo.jpg"), str(specials / "zero.jpg"), str(specials / "good.jpg")])
+    assert list(hashes) == [str(specials / "good.jpg")] and [r for _, r in bad] == [
+        "not a regular file (a FIFO)", "not a regular file (a character device)"]
+
+
+def test_reader_refuses_a_fifo_swapped_in_after_the_scan(tmp_path):
+    """The check is on the open descriptor, so a file replaced by a FIFO between scan and read
+    is refused instead of blocking."""
+    from featurize.images import ImageError, read_bytes
+
+    os.mkfifo(tmp_path / "late.jpg")
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_bytes(str(tmp_path / "late.jpg"))
+
+
+def _hostile_head(tmp_path, capsys):
+    build_cache(tmp_path / "c", tmp_path / "d", ["a", "b"], [6, 6])
+    assert _main(["fit", "--cache", tmp_path / "c", "--head", "centroid", "--folds", "2"], capsys)[0] == 0
+    head = next((tmp_path / "c" / "heads").rglob("centroid.joblib"))
+    return head
+
+
+def test_report_escapes_and_applies_the_trust_rule(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEATURIZE_HOME", str(tmp_path / "home"))
+    head = _hostile_head(tmp_path, capsys)
+    sidecar = head.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    payload = "<script>alert(1)</script>"
+    meta.update(n_images=payload, seed=payload, class_weight=payload, classes=[payload, "b"], dataset=payload)
+    meta["timings"]["fit_s"] = payload
+    meta["metrics"]["cv"]["per_class"][payload] = meta["metrics"]["cv"]["per_class"].pop("a")
+    sidecar.write_text(json.dumps(meta))
+    # edited after fit wrote it: refused like a modified head
+    rc, _, err = _main(["report", "--cache", tmp_path / "c", "--head", "centroid"], capsys)
+    assert rc == 1 and "changed after `fit` wrote it" in err
+    # a head from elsewhere (not in this machine's registry): refused too
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copy(head, other / "h.joblib")
+    shutil.copy(sidecar, other / "h.json")
+    monkeypatch.setenv("FEATURIZE_HOME", str(tmp_path / "home2"))
+    rc, _, err = _main(["report", "--model", other / "h.joblib"], capsys)
+    assert rc == 1 and "refusing to report" in err and "--trust" in err
+    # trusted on purpose: the page is written, with every sidecar value escaped
+    rc, _, err = _main(["report", "--model", other / "h.joblib", "--trust", "--out", tmp_path / "r"], capsys)
+    assert rc == 0, err
+    page = Path(tmp_path / "r" / "report.html").read_text()
+    assert "<script" not in page and page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 5
+    # once trusted, the same pair reports without --trust
+    assert _main(["report", "--model", other / "h.joblib", "--out", tmp_path / "r2"], capsys)[0] == 0
