@@ -3,7 +3,7 @@
 Layout under the cache directory (schema version in every file's ``schema_version`` attr)::
 
     datasets/<name>-<hash8>.h5      one per image folder: the dataset index
-    datasets/<name>-<hash8>.lock    held (flock) while an extract runs on that folder
+    datasets/<name>-<hash8>.lock    held (lockf) while an extract runs on that folder
     features/<space_id>/space.json  what produced the vectors: backbone, weights digest, ...
     features/<space_id>/*.h5        immutable shards: ``hash`` (N,) S32 + ``emb`` (N, D)
 
@@ -28,6 +28,7 @@ import json
 import os
 import re
 import stat
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -235,16 +236,36 @@ class FeatureSpace:
         """Return the metadata written by :meth:`create` (backbone, dim, preprocess, ...)."""
         path = self.folder / "space.json"
         try:
-            return json.loads(path.read_text())
+            meta = json.loads(path.read_text())
         except FileNotFoundError:
             raise UserError(f"no features for space {self.space_id} in {self.cache_dir}; run `extract` first") from None
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # not JSON, or not UTF-8
             raise _damaged(path, e, "the vectors are kept") from None
+        dim = meta.get("dim") if isinstance(meta, dict) else None
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0 \
+                or meta.get("space_id", self.space_id) != self.space_id:
+            raise _damaged(path, ValueError("not the description of this feature space"), "the vectors are kept")
+        if meta.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise UserError(f"{path} has cache schema {meta.get('schema_version')}, this featurize reads schema "
+                            f"{SCHEMA_VERSION}; re-run `extract` with a new --cache directory")
+        return meta
+
+    def usable(self) -> bool:
+        """True when the space's description exists and reads back intact."""
+        try:
+            self.info()
+        except UserError:
+            return False
+        return True
 
     def create(self, config: dict, dim: int) -> None:
-        """Record the space's metadata (idempotent)."""
+        """Record the space's metadata (idempotent); a damaged description is rewritten."""
         if self.exists():
-            return
+            try:
+                self.info()
+                return
+            except UserError as e:
+                print(f"warning: {e}; rewriting it from the backbone's description", file=sys.stderr)
         meta = {"space_id": self.space_id, "dim": int(dim), "schema_version": SCHEMA_VERSION, **config}
         _atomic_text(self.folder / "space.json", json.dumps(meta, indent=2, sort_keys=True))
 
@@ -264,10 +285,16 @@ class FeatureSpace:
         return self.folder / "verified.json"
 
     def _read_verified(self) -> dict:
+        """``{shard name: [size, mtime_ns]}``; anything else (damaged, hand-edited) counts as empty,
+        so every shard is checked again and the file is rewritten."""
         try:
-            return json.loads(self._verified_path().read_text())
+            seen = json.loads(self._verified_path().read_text())
         except (OSError, ValueError):
             return {}
+        if not isinstance(seen, dict):
+            return {}
+        return {k: v for k, v in seen.items() if isinstance(v, list) and len(v) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in v)}
 
     def _forget_verified(self, path: Path) -> None:
         seen = self._read_verified()
@@ -539,6 +566,38 @@ def fs_str(raw) -> str:
     return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
 
 
+def _index_crc(index: DatasetIndex) -> int:
+    """CRC32 of everything an index says (columns, root, layout, extractions), like a shard's.
+
+    An edit that keeps the file valid HDF5 (a changed hash, a status set to ok) would otherwise
+    go unnoticed: ``fit`` silently used 999 of 1,000 images after one hash was changed."""
+    crc = zlib.crc32(b"\0".join([fs_bytes(index.root), index.layout.encode(),
+                                 json.dumps(index.extractions, sort_keys=True).encode()]))
+    for name in ("path", "label", "split", "status"):
+        col = getattr(index, name)
+        crc = zlib.crc32(f"{len(col)}:".encode() + b"\0".join(fs_bytes(x) for x in col), crc)
+    crc = zlib.crc32(np.asarray(index.hash, dtype=HASH_DTYPE).tobytes(), crc)
+    for name in ("size", "mtime_ns"):
+        crc = zlib.crc32(np.asarray(getattr(index, name), dtype=np.int64).tobytes(), crc)
+    return crc
+
+
+def _check_index(index: DatasetIndex) -> str:
+    """What is wrong with an index read back (``""`` if nothing): shapes and values, not only the checksum."""
+    lengths = {len(getattr(index, n)) for n in INDEX_FIELDS}
+    if len(lengths) != 1:
+        return f"columns of different lengths {sorted(lengths)}"
+    if index.layout not in ("folder", "split", "flat") or not isinstance(index.extractions, dict):
+        return "bad layout or extractions attribute"
+    if not all(isinstance(v, dict) for v in index.extractions.values()):
+        return "bad extractions attribute"
+    if not all(s in (STATUS_OK, STATUS_PENDING) or s.startswith("error") for s in index.status):
+        return "unknown status values"
+    if not all(h == "" or re.fullmatch(r"[0-9a-f]{32}", h) for h in index.hash):
+        return "malformed content hashes"
+    return ""
+
+
 def write_index(path: Path, index: DatasetIndex) -> None:
     """Atomically replace the dataset index file."""
     index.updated_at = time.time()
@@ -552,6 +611,7 @@ def write_index(path: Path, index: DatasetIndex) -> None:
             classes=json.dumps(index.classes),
             extractions=json.dumps(index.extractions, sort_keys=True),
             updated_at=index.updated_at,
+            crc32=_index_crc(index),
         )
         for name in ("path", "label", "split", "status"):
             raw = [fs_bytes(x) for x in getattr(index, name)]
@@ -583,13 +643,14 @@ def read_index(path: str | os.PathLike) -> DatasetIndex:
             idx.hash = [x.decode() for x in f["hash"][()]]
             idx.size = f["size"][()].tolist()
             idx.mtime_ns = f["mtime_ns"][()].tolist()
+            crc = int(f.attrs["crc32"]) if "crc32" in f.attrs else None  # indexes before issue 10 have none
+            problem = _check_index(idx) or ("checksum mismatch" if crc is not None and crc != _index_crc(idx) else "")
     except UserError:
         raise
     except Exception as e:
         raise _damaged(path, e, "cached features are kept, only the folder is re-scanned") from None
-    lengths = {len(getattr(idx, n)) for n in INDEX_FIELDS}
-    if len(lengths) != 1:
-        raise _damaged(path, ValueError(f"columns of different lengths {sorted(lengths)}"), "features are kept")
+    if problem:
+        raise _damaged(path, ValueError(problem), "cached features are kept, only the folder is re-scanned")
     return idx
 
 
@@ -597,9 +658,10 @@ def read_extractions(path: str | os.PathLike) -> dict:
     """Return only an index's ``extractions`` attribute ({} if unreadable): cheap at any size."""
     try:
         with h5py.File(path, "r") as f:
-            return json.loads(f.attrs["extractions"])
+            runs = json.loads(f.attrs["extractions"])
     except Exception:
         return {}
+    return runs if isinstance(runs, dict) else {}
 
 
 def list_indexes(cache_dir: str | os.PathLike) -> list[tuple[Path, DatasetIndex]]:
@@ -675,7 +737,14 @@ def load_features(
 
 
 class CacheLock:
-    """An exclusive, non-blocking lock on one dataset's index (released even on kill -9)."""
+    """An exclusive, non-blocking lock on one dataset's index that dies with its owner.
+
+    A POSIX record lock (``lockf``), not ``flock``: a ``flock`` belongs to the open file, which
+    the forked decode workers share, so after a ``kill -9`` of the extract the orphaned workers
+    kept the lock until they noticed (~5 s) and a rerun was refused naming a dead pid. A record
+    lock belongs to the process and is not inherited by ``fork``. (It is released when this
+    process closes any descriptor of the file: only this class opens lock files.)
+    """
 
     def __init__(self, path: Path, wait: bool = False):
         self.path, self.wait, self._fh = Path(path), wait, None
@@ -685,8 +754,8 @@ class CacheLock:
         self._fh = open(self.path, "a+")
         flags = fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB)
         try:
-            fcntl.flock(self._fh, flags)
-        except BlockingIOError:
+            fcntl.lockf(self._fh, flags)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, by platform
             self._fh.seek(0)
             holder = self._fh.read().strip() or "?"
             self._fh.close()
@@ -702,5 +771,5 @@ class CacheLock:
 
     def __exit__(self, *exc) -> None:
         if self._fh:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            fcntl.lockf(self._fh, fcntl.LOCK_UN)
             self._fh.close()

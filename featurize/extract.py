@@ -102,7 +102,7 @@ def _known_space(old: fc.DatasetIndex | None, key: dict, cache_dir) -> str | Non
     runs = itertools.chain([old.extractions] if old else [], others())
     for extractions in runs:
         for sid, run in extractions.items():
-            if run.get("request") == key and fc.FeatureSpace(cache_dir, sid).exists():
+            if isinstance(run, dict) and run.get("request") == key and fc.FeatureSpace(cache_dir, sid).usable():
                 return sid
     return None
 

@@ -1,7 +1,7 @@
 """The cache folder's layout: the one place that knows where each kind of file lives.
 
     datasets/<folder>-<8 hex of its real path>.h5      the dataset index, one per image folder
-    datasets/<folder>-<hash>.lock                      flock'ed while an extract runs on that folder
+    datasets/<folder>-<hash>.lock                      lockf'ed while an extract runs on that folder
     features/<space_id>/                               space.json + immutable HDF5 shards
     engines/<space_id>-<engine>/                       converted models of older versions (now once per
                                                        user: featurize.enginestore, engine_store_dir())

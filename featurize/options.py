@@ -33,10 +33,11 @@ def cpu_cores() -> int:
 
 def int_at_least(name: str, value, low: int, high: int | None = None, what: str = "") -> int:
     """Return ``value`` if it is an int in ``[low, high]``; else raise a one-line ``UserError``."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{name} must be an integer, not {value!r}")
+    if value < low or (high is not None and value > high):
         rng = f">= {low}" if high is None else f"between {low} and {high}"
-        raise UserError(f"{name} {value!r} is not valid; it must be an integer {rng}{what}")
+        raise UserError(f"{name} must be {rng}{what}, not {value!r}")
     return value
 
 
@@ -49,7 +50,7 @@ def number_in(name: str, value, low: float, high: float, low_open: bool = False,
     inside = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
     if not inside:  # NaN fails every comparison
         lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise UserError(f"{name} {value!r} is not valid; it must be in {lo}{low}, {high}{hi}")
+        raise UserError(f"{name} must be in {lo}{low}, {high}{hi}, not {value!r}")
     return v
 
 

@@ -43,11 +43,14 @@ def file_digest(path) -> str:
 
 def _read_trust() -> dict:
     try:
-        return json.loads(trust_file().read_text())
+        reg = json.loads(trust_file().read_text())
     except FileNotFoundError:
         return {}
-    except json.JSONDecodeError:
-        raise UserError(f"{trust_file()} is damaged; delete it (heads will then need --trust once)") from None
+    except ValueError:
+        reg = None
+    if not isinstance(reg, dict) or not all(isinstance(v, dict) for v in reg.values()):
+        raise UserError(f"{trust_file()} is damaged; delete it (heads will then need --trust once)")
+    return reg
 
 
 def _trust(digest: str, path, meta_digest: str | None = None) -> None:

@@ -1,0 +1,90 @@
+"""What the cache promises under faults (issue 10): the extract lock dies with its owner, every
+cache file is validated on read, a full disk is one line and resumes, readers never race a
+compaction. Real HDF5 files, real subprocesses, real SIGKILLs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, make_dataset, run_cli
+from featurize import cache as fc
+from featurize.errors import UserError
+
+
+def test_lock_dies_with_its_owner_not_with_its_decode_workers(tmp_path):
+    """kill -9 of an extract whose decode workers are alive: the lock is free at once (the
+    orphaned workers, which outlive it for a few seconds, do not hold it)."""
+    data = make_dataset(tmp_path / "d", per_class=20)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "FEATURIZE_FAULT": "shard_written", "FEATURIZE_SHARD_ROWS": "2"}
+    # not run_cli: it would wait for the output pipes, which the orphaned workers hold open
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", str(data), "--backbone", "tiny",
+                             "--precision", "fp32", "--workers", "2", "--batch-size", "2", "--cache", str(cache),
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.wait(300) == -signal.SIGKILL
+    with fc.CacheLock(fc.index_path(cache, data).with_suffix(".lock")):  # no wait, no "another extract"
+        pass
+    p = run_cli("extract", data, "--backbone", "tiny", "--precision", "fp32", "--cache", cache, "--json", check=0)
+    assert json.loads(p.stdout.strip().splitlines()[-1])["ok"] == 40
+
+
+FAST = dict(backbone="tiny", precision="fp32", workers=0, progress=False, batch_size=4)
+
+
+@pytest.fixture
+def extracted(tmp_path):
+    from featurize.extract import extract
+
+    data = make_dataset(tmp_path / "d", per_class=5)
+    cache = tmp_path / "cache"
+    extract(data, cache, **FAST)
+    extract(data, cache, **FAST)  # the second run records verified.json
+    _, idx = fc.find_index(cache, data)
+    return data, cache, fc.resolve_space(cache, idx)
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "{{{", '{"a.h5": "x"}'])
+def test_verified_json_of_any_shape_is_repaired(extracted, text):
+    from featurize.extract import extract
+
+    data, cache, space = extracted
+    (space.folder / "verified.json").write_text(text)
+    assert extract(data, cache, **FAST)["ok"] == 10
+    assert isinstance(json.loads((space.folder / "verified.json").read_text()), dict)
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "garbage", '{"backbone": "tiny"}', '{"dim": "16"}'])
+def test_damaged_space_json_is_named_then_repaired_by_extract(extracted, text, capsys):
+    from featurize.extract import extract
+
+    data, cache, space = extracted
+    (space.folder / "space.json").write_text(text)
+    with pytest.raises(UserError, match="space.json is damaged"):
+        fc.load_features(cache, fc.find_index(cache, data)[1], space)
+    assert extract(data, cache, **FAST)["ok"] == 10
+    assert "rewriting it" in capsys.readouterr().err
+    assert space.info()["dim"] == 16 and len(fc.load_features(cache, fc.find_index(cache, data)[1], space)[0]) == 10
+
+
+def test_an_edited_index_is_detected_and_rebuilt(extracted):
+    """A changed content hash keeps the index valid HDF5; its checksum names it (fit used 9 of 10
+    images silently before), and the next extract rebuilds it without re-embedding."""
+    import h5py
+
+    from featurize.extract import extract
+
+    data, cache, space = extracted
+    ipath = fc.index_path(cache, data)
+    with h5py.File(ipath, "r+") as f:
+        h = f["hash"][()]
+        h[0] = b"0" * 32
+        f["hash"][...] = h
+    with pytest.raises(UserError, match="is damaged .*checksum mismatch"):
+        fc.find_index(cache, data)
+    s = extract(data, cache, **FAST)
+    assert (s["ok"], s["embedded"]) == (10, 0)
+    assert len(fc.load_features(cache, fc.find_index(cache, data)[1], space)[0]) == 10
