@@ -134,7 +134,9 @@ def add_compare(sub) -> None:
     p = sub.add_parser("compare", help="leaderboard: every head x every cached backbone (table, CSV, JSON)")
     p.add_argument("--data", default=None, help="dataset folder (default: the latest extracted)")
     p.add_argument("--heads", default=None, help="comma-separated heads (default: all)")
-    p.add_argument("--backbones", default=None, help="comma-separated backbones or space ids (default: all cached)")
+    p.add_argument("--backbones", default=None,
+                   help="comma-separated backbones or space ids; names not extracted yet for the dataset are "
+                        "extracted first (default: all cached)")
     p.add_argument("--class-weight", choices=["none", "balanced"], default="none", help="balanced: weight classes inversely to their frequency")
     p.add_argument("--out", default=None, help="path stem for .csv/.json (default: <cache>/reports/compare-<dataset>)")
     p.add_argument("--seed", type=int, default=0, help="fixes the CV folds and the stochastic heads")
@@ -149,9 +151,14 @@ def cmd_compare(args) -> dict:
     from heads.commands import run_compare
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
-    return run_compare(_cache(args), data=args.data, heads=split(args.heads), backbones=split(args.backbones),
-                       out=args.out, class_weight=None if args.class_weight == "none" else args.class_weight,
-                       seed=args.seed, folds=args.folds, n_jobs=args.n_jobs, quiet=args.json, exclude=args.exclude)
+    options = dict(heads=split(args.heads), out=args.out,
+                   class_weight=None if args.class_weight == "none" else args.class_weight, seed=args.seed,
+                   folds=args.folds, n_jobs=args.n_jobs, quiet=args.json, exclude=args.exclude)
+    if args.backbones:  # choosing among backbones: extract what is missing first (the library layer)
+        from featurize.workflow import compare_backbones
+
+        return compare_backbones(_cache(args), args.data, split(args.backbones), **options)
+    return run_compare(_cache(args), data=args.data, **options)
 
 
 def add_predict(sub) -> None:

@@ -253,9 +253,12 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         # more workers than cores only cost memory: --workers 999 forked 836 processes (18 GB)
         n_workers = (fastpath.cpu_cores() if lean else resolve_workers(None)) if workers is None \
             else resolve_workers(workers)
+        pipe_s = 0.0  # decode -> model -> write wall time (the model already loaded)
         if todo:
             run = fastpath.run_lean if lean else run_pipeline
+            t, load_before = time.perf_counter(), seconds["load_model"]
             written, interrupted = run(lean or ex, todo, batch_size, n_workers, seconds, progress, failed.__setitem__)
+            pipe_s = time.perf_counter() - t - (seconds["load_model"] - load_before)
             known = space.known_hashes()
             for i, h in enumerate(hashes):
                 if h in failed:
@@ -271,6 +274,9 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
             run.update(backbone=ex.backbone.name, precision=ex.precision, device=str(ex.device),
                        engine=getattr(ex.engine, "name", "torch"), dim=ex.backbone.dim)
             _remember_engine(key, engine, ex)
+        if written:  # what embedding this dataset cost, summed over runs (compare shows it beside accuracy)
+            run["embedded_total"] = run.get("embedded_total", 0) + written
+            run["embed_seconds_total"] = round(run.get("embed_seconds_total", 0.0) + pipe_s, 3)
         if not interrupted:
             run.update(finished_at=time.time(), n_ok=n_ok, n_failed=n_err, request=key)
             index.extractions[sid] = run

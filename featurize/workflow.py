@@ -187,3 +187,39 @@ def format_finetune(s: dict) -> str:
             + (f"; test balanced acc {s['test_balanced_accuracy_best']:.4f} (epoch 0: "
                f"{s['test_balanced_accuracy_epoch0']:.4f})" if s.get("test_balanced_accuracy_best") is not None else "")
             + f"; {s['train_seconds']:.0f}s training")
+
+
+# --------------------------------------------------------------------------- compare across backbones
+
+
+def compare_backbones(cache=None, data=None, backbones=None, *, log=None, **compare_options) -> dict:
+    """Choose a backbone: extract whatever is missing for each of ``backbones``, then rank every
+    backbone x head on ``data`` (``heads.commands.run_compare``), the embedding cost beside the accuracy.
+
+    ``backbones`` are names (``efficientnet_lite2``, ``timm:NAME``, a run folder) or space ids;
+    names are extracted incrementally (a backbone already extracted costs a cache lookup and no
+    torch import). ``data`` defaults to the latest extracted dataset. ``compare_options`` go to
+    ``run_compare`` (heads, class_weight, seed, folds, out, n_jobs, quiet, exclude). Returns its
+    result plus ``extractions`` (what each backbone's extract did). Raises ``UserError`` as
+    ``extract`` and ``compare`` do.
+    """
+    from featurize.cache import FeatureSpace, find_index
+    from featurize.extract import extract
+    from heads.commands import run_compare
+
+    log = log or sys.stderr
+    cache = Cache.of(cache)
+    if data is None:
+        data = find_index(cache, None)[1].root
+    done = []
+    for name in backbones or []:
+        if FeatureSpace(cache.root, name).exists():  # a space id names vectors already cached
+            continue
+        s = extract(data, cache, backbone=name, progress=False)
+        done.append({k: s.get(k) for k in ("backbone", "space_id", "embedded", "cached", "images_per_second",
+                                           "wall_seconds")})
+        rate = f" at {s['images_per_second']:.1f} img/s" if s.get("images_per_second") else ""
+        print(f"extract {name}: {s['embedded']} embedded{rate}, {s['cached']} already cached "
+              f"({s['wall_seconds']:.1f} s)", file=log, flush=True)
+    result = run_compare(cache, data, backbones=list(backbones) if backbones else None, **compare_options)
+    return {**result, "extractions": done}

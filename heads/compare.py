@@ -14,7 +14,16 @@ from heads.protocol import evaluate, load_labelled, primary
 from heads.registry import check_head_name, list_heads
 
 COLUMNS = ("rank", "backbone", "head", "protocol", "scored_on", "accuracy", "accuracy_std", "balanced_accuracy",
-           "macro_f1", "roc_auc", "log_loss", "fit_s", "eval_s", "best_params", "space_id")
+           "macro_f1", "roc_auc", "log_loss", "fit_s", "eval_s", "embed_img_s", "embed_s", "best_params", "space_id")
+
+
+def embed_cost(extraction: dict) -> tuple[float | None, float | None]:
+    """(images/s, seconds) that embedding the dataset with a backbone took, summed over its
+    extract runs (decode -> model -> write, end to end); (None, None) when not recorded."""
+    n, secs = extraction.get("embedded_total"), extraction.get("embed_seconds_total")
+    if not n or not secs:
+        return None, None
+    return round(n / secs, 2), round(secs, 1)
 
 
 def compare(cache_dir, data=None, heads=None, backbones=None, *, class_weight=None, seed=0, folds=5, n_jobs=None,
@@ -62,6 +71,7 @@ def compare(cache_dir, data=None, heads=None, backbones=None, *, class_weight=No
     rows = []
     for (sid, h), ev in zip(candidates, run_tasks(_score, tasks, jobs, done)):
         backbone = data_of[sid].space_info.get("backbone", sid)
+        img_s, embed_s = embed_cost(index.extractions.get(sid, {}))
         part, m = primary(ev.metrics)
         std = ev.metrics["cv"]["std"].get("accuracy") if part == "cv" else None
         rows.append({"backbone": backbone, "head": ev.resolved if h == "svm" else h, "protocol": ev.protocol,
@@ -69,7 +79,7 @@ def compare(cache_dir, data=None, heads=None, backbones=None, *, class_weight=No
                      "balanced_accuracy": m.get("balanced_accuracy"), "macro_f1": m.get("macro_f1"),
                      "roc_auc": m.get("roc_auc"), "log_loss": m.get("log_loss"),
                      "fit_s": round(ev.fit_seconds, 3), "eval_s": round(ev.eval_seconds, 3),
-                     "best_params": json.dumps(ev.best_params, default=str), "space_id": sid})
+                     "embed_img_s": img_s, "embed_s": embed_s, "best_params": json.dumps(ev.best_params, default=str), "space_id": sid})
     rows.sort(key=lambda r: (-(r["accuracy"] or 0), -(r["balanced_accuracy"] or 0), r["eval_s"]))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
@@ -91,14 +101,14 @@ def _cell(v, k):
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.2f}" if k.endswith("_s") else f"{v:.4f}"
+        return f"{v:.2f}" if k.endswith(("_s", "_img_s")) else f"{v:.4f}"
     return str(v)
 
 
 def format_leaderboard(result: dict) -> str:
     """Render the leaderboard as a text table."""
     cols = ("rank", "backbone", "head", "scored_on", "accuracy", "accuracy_std", "balanced_accuracy", "macro_f1",
-            "log_loss", "fit_s", "eval_s")
+            "log_loss", "fit_s", "eval_s", "embed_img_s", "embed_s")
     widths = {c: max(len(c), *(len(_cell(r[c], c)) for r in result["rows"])) for c in cols}
     lines = ["  ".join(f"{c:>{widths[c]}}" for c in cols)]
     for r in result["rows"]:

@@ -20,6 +20,7 @@ from featurize.backbones import (
     resolve_precision,
 )
 from featurize.errors import UserError
+from featurize.guide import RECOMMENDED_TIMM
 from featurize.registry import LITE, PACKAGED_WEIGHTS
 
 OFFLINE = [r["name"] for r in list_backbones() if r["offline"]]
@@ -238,3 +239,31 @@ def test_timm_weights_come_from_the_hf_cache_offline_or_fail_at_once(tmp_path, d
                 env={"HF_HUB_CACHE": str(hub), "HF_ENDPOINT": "http://127.0.0.1:9"}, check=1)
     assert p.stderr.count("\n") == 1 and "Retrying" not in p.stderr, p.stderr
     assert "127.0.0.1 is unreachable" in p.stderr and "--weights PATH" in p.stderr and str(hub) in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECOMMENDED_TIMM)
+def test_recommended_timm_backbones_load_from_the_hf_cache(tmp_path, monkeypatch, name):
+    """Each backbone the guide recommends works offline once its weights are in the Hugging Face
+    cache: the architecture is built here with random values, stored where its pretrained config
+    points (fp16, to keep the file small), and `timm:NAME` must load exactly those tensors with
+    the config's preprocessing, without the network (HF_ENDPOINT is a closed port)."""
+    import huggingface_hub.constants
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    arch = name[5:]
+    cfg = get_pretrained_cfg(arch)
+    src = timm.create_model(arch, pretrained=False, num_classes=0)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    hub = tmp_path / "hub"
+    _fake_hf_cache(hub, cfg.hf_hub_id, state)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    bb = get_backbone(name)
+    got = bb.model.state_dict()
+    assert all(torch.equal(got[k], v.to(got[k].dtype)) for k, v in state.items())
+    assert bb.dim == src.num_features and bb.weights_digest.startswith(cfg.hf_hub_id)
+    assert bb.preprocess.crop == cfg.input_size[-1] and bb.preprocess.mean == tuple(cfg.mean)
+    out = _invariants(bb, n=1)
+    assert torch.isfinite(out).all()

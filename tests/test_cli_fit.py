@@ -181,3 +181,38 @@ def test_fit_on_a_folder_that_does_not_exist_says_so(tmp_path, env):
     out = last_json(run_cli("fit", "--head", "centroid", "--data", tmp_path / "d", "--cache", tmp_path / "c",
                             "--json", env=env, check=0))
     assert out["metrics"]["cv"]["n"] == 12
+
+
+def test_compare_across_backbones_extracts_what_is_missing_and_shows_the_cost(tmp_path, env, capsys, monkeypatch):
+    """`compare --backbones` is how a backbone is chosen: a backbone not extracted yet is extracted
+    first, every backbone x head is ranked with the embedding cost (img/s, seconds) beside the
+    accuracy; a second run finds everything cached and embeds nothing, without importing torch."""
+    from conftest import make_dataset
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    sys.path.insert(0, str(ROOT))
+    import cli
+
+    data = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=8)
+    args = ["compare", "--data", str(data), "--backbones", "tiny", "--heads", "centroid", "--cache",
+            str(tmp_path / "c"), "--json"]
+    assert cli.main(args) == 0  # in-process: this one builds the tiny model
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["extractions"][0]["backbone"] == "tiny" and out["extractions"][0]["embedded"] == 16
+    row = out["rows"][0]
+    assert row["backbone"] == "tiny" and row["head"] == "centroid" and row["embed_img_s"] > 0 and row["embed_s"] > 0
+    with open(out["paths"]["csv"]) as f:
+        assert float(next(csv.DictReader(f))["embed_img_s"]) == row["embed_img_s"]
+    code = (
+        "import sys, json, cli\n"
+        f"assert cli.main({args!r}) == 0\n"
+        "bad = [m for m in ('torch', 'torchvision', 'timm') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**__import__("os").environ, **env}, timeout=300)
+    assert p.returncode == 0, p.stderr
+    again = last_json(p)
+    assert again["extractions"][0]["embedded"] == 0 and again["extractions"][0]["cached"] == 16
+    assert again["rows"][0]["embed_img_s"] == row["embed_img_s"]
