@@ -181,7 +181,12 @@ def _to_uint8_chw(item):
     if hasattr(item, "convert") and hasattr(item, "size"):  # PIL.Image
         from PIL import ImageOps
 
-        item = np.asarray(ImageOps.exif_transpose(item).convert("RGB"))
+        from featurize.pixels import BlankImage, to_rgb
+
+        try:
+            item = np.asarray(to_rgb(ImageOps.exif_transpose(item)))
+        except BlankImage as e:
+            raise UserError(f"cannot embed this image: {e}") from None
     if isinstance(item, torch.Tensor):
         t = item
     else:

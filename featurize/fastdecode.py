@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageOps
 
+from featurize.pixels import BlankImage, UnusableFile, read_image_file, to_rgb
+
 #: Most pixels a decode may produce (Pillow's bomb threshold).
 MAX_PIXELS = 89_478_485
 #: DCT-domain downscaling keeps at least this multiple of the resize target in each direction.
@@ -99,9 +101,11 @@ def decode_rgb(data: bytes, resize: int) -> tuple[Image.Image, tuple[int, int]]:
             out = ImageOps.exif_transpose(im)
             if out.size != drafted:  # rotated by 90 degrees: the full size turns too
                 full = (full[1], full[0])
-            return out.convert("RGB"), full
+            return to_rgb(out), full  # high bit depth windowed, not clipped to white
         except DecodeError:
             raise
+        except BlankImage as e:
+            raise DecodeError(str(e)) from None
         except Exception as e:
             raise _reason(e, "cannot decode") from None
 
@@ -127,12 +131,9 @@ def preprocess_bytes(data: bytes, preprocess: dict) -> np.ndarray:
 def read_preprocessed(path: str, preprocess: dict) -> np.ndarray:
     """Read a file and :func:`preprocess_bytes` it; raises ``DecodeError`` on any failure."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise DecodeError("file not found (broken symlink?)") from None
-    except OSError as e:
-        raise DecodeError(f"unreadable ({e.strerror or e})") from None
+        data = read_image_file(path)  # regular files only, header sniffed before the whole is read
+    except UnusableFile as e:
+        raise DecodeError(str(e)) from None
     return preprocess_bytes(data, preprocess)
 
 

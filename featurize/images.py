@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from featurize.cache import open_regular, read_error_reason
+from featurize.pixels import BlankImage, UnusableFile, read_image_file, to_rgb
 
 # Pillow's own bomb limit is a warning up to 2x; we refuse anything above it outright.
 MAX_PIXELS = 89_478_485
@@ -51,7 +51,7 @@ def _pil_decode(data: bytes) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as im:
             im.seek(0)  # first frame of animated GIF/WebP/TIFF
             im = ImageOps.exif_transpose(im)
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.asarray(to_rgb(im))  # high bit depth windowed, not clipped to white
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
@@ -87,17 +87,19 @@ def decode_bytes(data: bytes) -> torch.Tensor:
         raise ImageError(f"decompression bomb: {e}") from None
     except Image.DecompressionBombWarning as e:
         raise ImageError(f"decompression bomb: {e}") from None
+    except BlankImage as e:
+        raise ImageError(str(e)) from None
     except Exception as e:
         raise _reason(e, "cannot decode") from None
 
 
 def read_bytes(path: str) -> bytes:
-    """Read a file's bytes; raises ``ImageError`` (missing, broken symlink, unreadable)."""
+    """Read a file's bytes; raises ``ImageError`` (missing, broken symlink, unreadable, not a
+    regular file, too large, not an image by its header: see :func:`featurize.pixels.read_image_file`)."""
     try:
-        with open_regular(path) as f:  # a FIFO or device is refused, never read
-            return f.read()
-    except OSError as e:
-        raise ImageError(read_error_reason(e)) from None
+        return read_image_file(path)
+    except UnusableFile as e:
+        raise ImageError(str(e)) from None
 
 
 def read_image(path: str) -> torch.Tensor:

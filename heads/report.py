@@ -94,7 +94,9 @@ def _thumb(path: str) -> str | None:
         from PIL import Image
 
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            from featurize.pixels import to_rgb
+
+            im = to_rgb(im)
             im.thumbnail((THUMB, THUMB))
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=80)

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import cli
@@ -121,3 +122,70 @@ def test_report_escapes_and_applies_the_trust_rule(tmp_path, capsys, monkeypatch
     assert "<script" not in page and page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 5
     # once trusted, the same pair reports without --trust
     assert _main(["report", "--model", other / "h.joblib", "--out", tmp_path / "r2"], capsys)[0] == 0
+
+
+def _gray16(path, values):
+    from PIL import Image
+
+    Image.fromarray(np.asarray(values, dtype=np.uint16)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_is_windowed_not_clipped(tmp_path, mode):
+    """A 16-bit gray image with values 291..694 (Pillow's 16bit.cropped.tif) was embedded as
+    solid white; both decode paths now see its full contrast, in the right order."""
+    from PIL import Image
+
+    from featurize.fastdecode import read_preprocessed
+    from featurize.images import read_image
+
+    ramp = np.linspace(291, 694, 48 * 48).reshape(48, 48)
+    if mode == "I;16":
+        path = _gray16(tmp_path / "g.png", ramp)
+    else:
+        path = tmp_path / "g.tif"
+        Image.fromarray(ramp.astype(np.int32 if mode == "I" else np.float32), mode).save(path)
+    assert Image.open(path).mode == mode
+    full = read_image(str(path)).numpy()
+    small = read_preprocessed(str(path), {"resize": 48, "crop": 48, "interpolation": "bilinear"})
+    for img in (full, small):
+        assert img.min() <= 2 and img.max() >= 253  # the whole range, not 255 everywhere
+        row_means = img[0].mean(axis=1)
+        assert np.all(np.diff(row_means) >= 0)  # darker at the top, brighter at the bottom: the ramp
+
+
+def test_a_constant_high_bit_depth_image_is_refused_not_embedded_blank(tmp_path):
+    from featurize.extract import extract
+
+    data = tmp_path / "d"
+    data.mkdir()
+    _gray16(data / "flat.png", np.full((20, 20), 1000))
+    make_image(data / "ok.png", 1)
+    s = extract(data, tmp_path / "c", backbone="tiny", workers=0, progress=False)
+    assert s["ok"] == 1 and s["errors"] == [
+        {"path": "flat.png", "reason": "blank image (every pixel of this I;16 image is 1000)"}]
+
+
+def test_a_huge_non_image_is_refused_from_its_header(tmp_path):
+    """A 3 GB non-image was read whole (3.8 GB peak) before being rejected; now a few bytes are."""
+    import tracemalloc
+
+    from featurize.images import ImageError, read_bytes
+
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"\x00not an image" * (2 << 20))  # 26 MB
+    (tmp_path / "small.jpg").write_bytes(b"\x00not an image")
+    with pytest.raises(ImageError):  # warm-up: Pillow imports its format plugins once
+        read_bytes(str(tmp_path / "small.jpg"))
+    tracemalloc.start()
+    with pytest.raises(ImageError, match="not an image"):
+        read_bytes(str(junk))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20  # reading it whole would be 26 MB
+    sparse = tmp_path / "sparse.png"
+    with open(sparse, "wb") as f:
+        f.truncate(3 << 30)  # 3 GiB, sparse: no disk used
+    with pytest.raises(ImageError, match="file too large"):
+        read_bytes(str(sparse))
