@@ -63,14 +63,35 @@ def cmd_extract(args) -> dict:
 
 def add_backbones(sub) -> None:
     p = sub.add_parser("backbones", help="list registered backbones: name, feature width, offline weights?")
+    p.add_argument("--guide", action="store_true",
+                   help="which to choose: published ImageNet accuracy with its source, plus recommended timm models")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_backbones)
 
 
+def _backbone_guide(rows: list[dict]) -> dict:
+    from featurize.guide import RECOMMENDED_TIMM, guide_rows
+
+    offline = {r["name"]: r for r in rows}
+    guide = guide_rows([r["name"] for r in rows if r["name"] != "tiny"] + RECOMMENDED_TIMM)
+    print(f"{'backbone':<40}{'dim':>5}  {'weights':<9}{'ImageNet %':>10}  protocol      source")
+    for g in guide:
+        r = offline.get(g["backbone"])
+        where = "offline" if r and r["offline"] else "download"
+        top1 = f"{g['imagenet_top1']:.1f}" if g["imagenet_top1"] else "-"
+        print(f"{g['backbone']:<40}{(r or {}).get('dim') or g['dim'] or '':>5}  {where:<9}{top1:>10}  {g['protocol'] or '-':<13} "
+              f"{g['source'] or ''}")
+    print("measured img/s and cache size per backbone: README 'Which backbone?' (benchmarks/guide.py); "
+          "on your data: compare --data DIR --backbones a,b,c")
+    return {"backbones": rows, "guide": guide}
+
+
 def cmd_backbones(args) -> dict:
-    from featurize.backbones import list_backbones
+    from featurize.registry import list_backbones  # torch-free: no model is built
 
     rows = list_backbones()
+    if args.guide:
+        return _backbone_guide(rows)
     print(f"{'name':<22}{'dim':>6}  offline  source")
     for r in rows:
         print(f"{r['name']:<22}{r['dim'] or '?':>6}  {'yes' if r['offline'] else 'no ':<7}  {r['source']}")

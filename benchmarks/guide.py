@@ -1,6 +1,6 @@
 """The backbone guide: every registered backbone and the recommended timm models, measured in one run.
 
-    .venv/bin/python benchmarks/guide.py                 # all, 32 flower photos each
+    .venv/bin/python benchmarks/guide.py                 # all, 48 flower photos each, 2 rounds
     .venv/bin/python benchmarks/guide.py --n 64 --only efficientnet_lite0,efficientnet_lite2
 
 For each backbone, in a fresh subprocess: build it, build the engine `extract` would use here
@@ -55,7 +55,6 @@ def _photos(n: int) -> list[str]:
 
 
 def _worker(name: str, n: int, batch: int, out: str) -> None:
-    import numpy as np
     import torch
 
     from featurize import cache as fc
@@ -101,8 +100,6 @@ def _worker(name: str, n: int, batch: int, out: str) -> None:
         if prec != "fp32":
             row["cosine_min"]["torch-" + prec] = round(float(
                 cosine_rows(TorchEngine(bb, dev, prec)(batch_t), ref).min()), 4)
-        row["cosine_min"] = {k: v for k, v in row["cosine_min"].items()}
-    del np
     Path(out).write_text(json.dumps(row))
 
 
@@ -116,7 +113,7 @@ def _all_names() -> list[str]:
 def _table(rows: list[dict]) -> str:
     from featurize.guide import PUBLISHED
 
-    lines = ["| backbone | weights here | D | input | img/s end to end | rel. to Lite0 | cache MB / 10k imgs "
+    lines = ["| backbone | weights here | D | input | img/s end to end (median) | rel. to Lite0 | cache MB / 10k imgs "
              "| ImageNet top-1 % (protocol) | source |", "|---|---|---|---|---|---|---|---|---|"]
     base = next((r["img_per_s"] for r in rows if r["backbone"] == "efficientnet_lite0" and "img_per_s" in r), None)
     for r in rows:
@@ -134,8 +131,9 @@ def _table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=32, help="images per backbone")
+    ap.add_argument("--n", type=int, default=48, help="images per backbone")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=2, help="runs per backbone, round robin; the median is reported")
     ap.add_argument("--only", default=None, help="comma-separated backbones (default: all + recommended timm)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results_guide.json"))
     ap.add_argument("_worker", nargs="*", help=argparse.SUPPRESS)
@@ -145,30 +143,47 @@ def main() -> None:
         return
     names = args.only.split(",") if args.only else _all_names()
     load = [os.getloadavg()]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(args.repeat):  # round robin: load changes hit every backbone alike
+        for name in names:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                t = time.perf_counter()
+                p = subprocess.run([sys.executable, __file__, "--n", str(args.n), "--batch-size", str(args.batch_size),
+                                    name, f.name], capture_output=True, text=True,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+                text = Path(f.name).read_text() if p.returncode == 0 else ""
+            err = p.stderr.strip().splitlines()
+            row = json.loads(text) if text else {"backbone": name, "error": (err or ["?"])[-1]}
+            warn = [line for line in err if line.startswith("warning:")]
+            if warn:
+                row["warning"] = warn[-1][:300]
+            runs[name].append(row)
+            load.append(os.getloadavg())
+            print(f"[{rep + 1}/{args.repeat}] {name}: {row.get('img_per_s', row.get('error'))} img/s "
+                  f"({time.perf_counter() - t:.0f}s, load {load[-1][0]:.1f})", flush=True)
     rows = []
     for name in names:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            t = time.perf_counter()
-            p = subprocess.run([sys.executable, __file__, "--n", str(args.n), "--batch-size", str(args.batch_size),
-                                name, f.name], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-            text = Path(f.name).read_text() if p.returncode == 0 else ""
-        row = json.loads(text) if text else {"backbone": name, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+        ok = [r for r in runs[name] if "img_per_s" in r]
+        if not ok:
+            rows.append(runs[name][-1])
+            continue
+        row = dict(sorted(ok, key=lambda r: r["img_per_s"])[(len(ok) - 1) // 2])  # the (lower) median run
+        row["img_per_s_runs"] = [r["img_per_s"] for r in ok]
         rows.append(row)
-        load.append(os.getloadavg())
-        print(f"{name}: {row.get('img_per_s', row.get('error'))} img/s ({time.perf_counter() - t:.0f}s)", flush=True)
     result = {"rows": rows, "n_images": args.n, "batch_size": args.batch_size, "cpu": platform.processor() or
               platform.machine(), "cores": os.cpu_count(), "loadavg_before_each_and_after": load,
-              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "repeat": args.repeat, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": " ".join(["python benchmarks/guide.py"] + sys.argv[1:])}
     Path(args.out).write_text(json.dumps(result, indent=1))
     table = _table(rows)
     md = Path(args.out).with_name("RESULTS_guide.md")
     cos = [f"`{r['backbone']}` {r['cosine_min']}" for r in rows if r.get("cosine_min")]
+    warns = [f"- `{r['backbone']}`: {r['warning']}" for r in rows if r.get("warning")]
     md.write_text(f"# Backbone guide (issue 14)\n\nCommand: `{result['command']}` ({result['when']}, {args.n} flower "
                   f"JPEGs per backbone, batch {args.batch_size}, {result['cores']} cores, shared machine: load average "
                   f"{min(x[0] for x in load):.1f} to {max(x[0] for x in load):.1f} during the run).\n\n{table}\n\n"
                   "Min cosine to the fp32 PyTorch vectors on 16 real photos (offline backbones): "
-                  + "; ".join(cos) + "\n")
+                  + "; ".join(cos) + "\n\nEngine warnings (the run fell back to PyTorch):\n" + "\n".join(warns) + "\n")
     print(table)
 
 

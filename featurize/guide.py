@@ -24,6 +24,7 @@ class Published:
     protocol: str  # "linear probe" (frozen features) or "supervised"
     source: str
     note: str = ""
+    dim: int | None = None  # for models not in the registry
 
 
 #: Recommended when the weights can be downloaded once (or are in the Hugging Face cache).
@@ -46,12 +47,12 @@ PUBLISHED: dict[str, Published] = {
     "vit_b_16": Published(81.1, "supervised", TV_DOCS),
     "timm:vit_small_patch14_dinov2.lvd142m": Published(
         81.1, "linear probe", "Oquab et al., DINOv2 (arXiv:2304.07193); facebookresearch/dinov2 README",
-        "k-NN 79.0; self-supervised on LVD-142M; timm's config runs it at 518 px"),
+        "k-NN 79.0; self-supervised on LVD-142M; timm's config runs it at 518 px", 384),
     "timm:vit_base_patch16_clip_224.openai": Published(
         80.2, "linear probe", "Radford et al., CLIP (arXiv:2103.00020), Table 10",
-        "image tower, 768-d before CLIP's projection"),
+        "image tower, 768-d before CLIP's projection", 768),
     "timm:convnext_tiny.fb_in22k_ft_in1k": Published(
-        82.9, "supervised", "Liu et al., A ConvNet for the 2020s (arXiv:2201.03545), Table 1 (ImageNet-22k pre-trained)"),
+        82.9, "supervised", "Liu et al., A ConvNet for the 2020s (arXiv:2201.03545), Table 1 (ImageNet-22k pre-trained)", dim=768),
 }
 
 
@@ -62,5 +63,5 @@ def guide_rows(names: list[str] | None = None) -> list[dict]:
         p = PUBLISHED.get(name)
         rows.append({"backbone": name, "imagenet_top1": p.imagenet_top1 if p else None,
                      "protocol": p.protocol if p else None, "source": p.source if p else None,
-                     "note": p.note if p else ""})
+                     "note": p.note if p else "", "dim": p.dim if p else None})
     return rows

@@ -267,3 +267,22 @@ def test_recommended_timm_backbones_load_from_the_hf_cache(tmp_path, monkeypatch
     assert bb.preprocess.crop == cfg.input_size[-1] and bb.preprocess.mean == tuple(cfg.mean)
     out = _invariants(bb, n=1)
     assert torch.isfinite(out).all()
+
+
+def test_backbones_guide_cites_every_backbone_without_torch():
+    """`backbones --guide`: every registered backbone and each recommended timm model with its
+    published accuracy and source, printed without importing torch (no model is built)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, last_json
+
+    code = ("import sys, cli\n"
+            "assert cli.main(['backbones', '--guide', '--json']) == 0\n"
+            "assert not [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules]\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    guide = {g["backbone"]: g for g in last_json(p)["guide"]}
+    assert set(guide) == set(backbone_names()) - {"tiny"} | set(RECOMMENDED_TIMM)
+    assert all(g["imagenet_top1"] > 60 and g["source"] and g["protocol"] for g in guide.values())
+    assert all(guide[n]["dim"] for n in RECOMMENDED_TIMM)
