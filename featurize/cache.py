@@ -200,6 +200,10 @@ def _check_schema(f: h5py.File, path: Path, kind: str) -> None:
         )
 
 
+class _ShardVanished(Exception):
+    """A listed shard was deleted by a concurrent compaction before it could be opened."""
+
+
 def _damaged(path: Path, err: Exception, what: str) -> UserError:
     return UserError(f"cache file {path} is damaged ({type(err).__name__}: {err}); delete it and re-run `extract` ({what})")
 
@@ -301,12 +305,29 @@ class FeatureSpace:
         if seen.pop(path.name, None) is not None:
             _atomic_text(self._verified_path(), json.dumps(seen))
 
+    # Readers and compaction never race: compaction renames the merged shard in before it deletes
+    # the old ones, so a shard that vanishes between listing and opening has its rows in a newer
+    # one; a reader that meets one lists the folder again (duplicates are dropped on read).
+    _RELIST = 20
+
+    def _relisting(self, read):
+        for _ in range(self._RELIST):
+            try:
+                return read()
+            except _ShardVanished:
+                continue
+        raise UserError(f"the shards of {self.folder} kept changing while being read (another process is "
+                        "compacting them continuously?); retry")
+
     def load(self, only: set[bytes] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(hashes, emb)``: unique content hashes (S32) and their float32 rows.
 
         ``only`` restricts the result to those hashes (as bytes). Raises ``UserError`` when a
         shard is damaged.
         """
+        return self._relisting(lambda: self._load(only))
+
+    def _load(self, only: set[bytes] | None) -> tuple[np.ndarray, np.ndarray]:
         hs, es = [], []
         for p in self.shard_paths():
             h, e = self._read_shard(p)
@@ -336,14 +357,22 @@ class FeatureSpace:
 
     def known_hashes(self) -> set[bytes]:
         """Return the set of content hashes (bytes) that already have a vector."""
+        return self._relisting(self._known_hashes)
+
+    def _known_hashes(self) -> set[bytes]:
         out: set[bytes] = set()
         for p in self.shard_paths():
-            try:
-                with h5py.File(p, "r") as f:
-                    out.update(f["hash"][()].tolist())
-            except Exception as e:
-                raise _damaged(p, e, "its images will be re-embedded") from None
+            out.update(self._hash_column(p).tolist())
         return out
+
+    def _hash_column(self, p: Path) -> np.ndarray:
+        try:
+            with h5py.File(p, "r") as f:
+                return f["hash"][()]
+        except Exception as e:
+            if not p.exists():
+                raise _ShardVanished(p) from None
+            raise _damaged(p, e, "its images will be re-embedded") from None
 
     def write_shard(self, hashes: list[str] | np.ndarray, emb: np.ndarray, tag: str = "") -> Path:
         """Atomically write one immutable shard and return its path."""
@@ -379,6 +408,8 @@ class FeatureSpace:
             if seen.get(p.name) != sig:
                 try:
                     self._stream_rows(p, lambda rows, start: None)
+                except _ShardVanished:
+                    continue
                 except UserError:
                     target = p.with_suffix(".damaged")
                     os.replace(p, target)
@@ -414,6 +445,8 @@ class FeatureSpace:
         except UserError:
             raise
         except Exception as e:  # h5py raises OSError/KeyError/ValueError for damaged files
+            if not path.exists():  # merged away by a concurrent compaction: not damage
+                raise _ShardVanished(path) from None
             self._forget_verified(path)
             raise _damaged(path, e, "its images will be re-embedded") from None
         if crc != expected:
@@ -430,17 +463,19 @@ class FeatureSpace:
         place before the old ones are deleted, and a crash in between only leaves duplicates,
         which :meth:`load` drops.
         """
+        try:
+            return self._compact(max_shards)
+        except _ShardVanished:  # another writer compacted meanwhile: its merged shard holds these rows
+            return False
+
+    def _compact(self, max_shards: int) -> bool:
         paths = self.shard_paths()
         if len(paths) <= max_shards:
             return False
         seen: set[bytes] = set()
         keeps, kept_hashes = [], []
         for p in paths:
-            try:
-                with h5py.File(p, "r") as f:
-                    h = f["hash"][()]
-            except Exception as e:
-                raise _damaged(p, e, "its images will be re-embedded") from None
+            h = self._hash_column(p)
             keep = np.fromiter((x not in seen and not seen.add(x) for x in h.tolist()), bool, len(h))
             keeps.append(keep)
             kept_hashes.append(h[keep])
@@ -471,7 +506,10 @@ class FeatureSpace:
         for p in paths:
             p.unlink(missing_ok=True)
         # Its CRC was computed from rows checked on the way in: the next extract need not re-read it.
-        st = merged.stat()
+        try:
+            st = merged.stat()
+        except FileNotFoundError:  # already merged again by another writer
+            return True
         seen = {k: v for k, v in self._read_verified().items() if (self.folder / k).exists()}
         _atomic_text(self._verified_path(), json.dumps({**seen, merged.name: [st.st_size, st.st_mtime_ns]}))
         return True
