@@ -434,7 +434,7 @@ class Audit:
 @_api
 def audit(data=None, cache=None, *, backbone: str | None = None, head: str = "logreg",
           class_weight: str | None = None, seed: int = 0, folds: int = 5, n_jobs: int | None = None,
-          threshold: float | None = None, out=None, html: bool = False) -> Audit:
+          dup_threshold: float | None = None, out=None, html: bool = False) -> Audit:
     """Suspected label errors (cleanlab on out-of-sample probabilities of ``head``), near-duplicates
     (flagged across labels and splits) and outliers in the cached features of ``data``; writes
     ``<cache>/reports/audit-<dataset>.csv/.json`` (and ``.html`` with ``html=True``). Torch-free."""
@@ -442,7 +442,7 @@ def audit(data=None, cache=None, *, backbone: str | None = None, head: str = "lo
 
     result, s = audit_to_files(_cache_dir(cache), data, backbone, head, class_weight=class_weight, seed=seed,
                                folds=folds, n_jobs=n_jobs, out=out, html=html,
-                               threshold=DUP_THRESHOLD if threshold is None else threshold)
+                               threshold=DUP_THRESHOLD if dup_threshold is None else dup_threshold)
     return Audit(s["label_issues"]["n"], s["near_duplicates"]["n_groups"], s["outliers"]["n"], result["rows"],
                  s["paths"], s)
 

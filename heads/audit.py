@@ -345,15 +345,13 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
     one per flagged (image, issue). Raises ``UserError`` for unusable labels (flat folder,
     one class, a class with one image) or an unknown head.
     """
-    from heads.protocol import load_labelled
+    from featurize.options import number_in
+    from heads.protocol import check_eval_options, load_labelled
     from heads.registry import check_head_name
 
-    check_head_name(head)
-    if not 0.0 < threshold <= 1.0:
-        raise UserError(f"the near-duplicate threshold is a cosine in (0, 1], got {threshold}; "
-                        f"try the calibrated default {DUP_THRESHOLD}")
-    if folds < 2:
-        raise UserError(f"--folds must be at least 2 (every image is scored by a head fit on the others), got {folds}")
+    check_head_name(head)  # a typo or a bad option fails before any file is read
+    check_eval_options(folds, seed, n_jobs)
+    number_in("--dup-threshold", threshold, 0.0, 1.0, low_open=True)
     t0 = time.perf_counter()
     lf = load_labelled(cache_dir, data, backbone)
     t_load = time.perf_counter()
@@ -466,7 +464,11 @@ def audit_to_files(cache_dir, data=None, backbone=None, head="logreg", *, class_
     nothing; returns ``(result, summary)``: :func:`audit`'s dict and the ``audit --json`` dict
     (counts, top items, file paths, the refit command)."""
     from featurize.layout import Cache
+    from featurize.options import check_out_file, int_at_least
 
+    int_at_least("--max-gallery", max_gallery, 0)
+    if out:
+        check_out_file(out)
     result = audit(cache_dir, data, backbone, head, class_weight=class_weight, seed=seed, folds=folds, n_jobs=n_jobs,
                    threshold=threshold)
     stem = Path(out) if out else Cache.of(cache_dir).audit_stem(result["index_path"])

@@ -145,16 +145,17 @@ def test_predict_flags_inputs_unlike_the_training_data(tmp_path, env):
 
 @pytest.mark.parametrize("kind,fix", [("unlabelled", "<class>"), ("one_class", "at least 2 class folders"),
                                       ("exclude_unreadable", "cannot read the exclude file"),
-                                      ("threshold", "a cosine in (0, 1]")])
+                                      ("threshold", "--dup-threshold must be in (0.0, 1.0]"),
+                                      ("folds", "--folds must be >= 2")])
 def test_bad_input_one_line(tmp_path, capsys, kind, fix):
     import cli  # in-process (same main() as the console script): these fail before any work
 
     if kind == "exclude_unreadable":
         build_cache(tmp_path / "c", tmp_path / "d", ["x", "y"], [6, 6])
         argv = ["fit", "--head", "centroid", "--exclude", str(tmp_path / "nope.csv")]
-    elif kind == "threshold":
+    elif kind in ("threshold", "folds"):
         build_cache(tmp_path / "c", tmp_path / "d", ["x", "y"], [6, 6])
-        argv = ["audit", "--dup-threshold", "1.5"]
+        argv = ["audit", "--dup-threshold", "1.5"] if kind == "threshold" else ["audit", "--folds", "1"]
     else:
         build_cache(tmp_path / "c", tmp_path / "d", ["x"], [8], unlabelled=kind == "unlabelled")
         argv = ["audit"]
@@ -199,5 +200,5 @@ def test_python_api_audit_then_fit_without_the_flagged_images(tmp_path, monkeypa
     assert Path(found.paths["csv"]).is_file() and found.to_dict()["refit_command"].endswith(found.paths["csv"])
     fit = fz.fit(root, head="centroid", cache=cache, exclude=found.paths["csv"])
     assert fit.summary["exclude"]["excluded"] == len({r["path"] for r in found.rows}) and fit.summary["n_train"] < 44
-    with pytest.raises(fz.UserError, match=r"threshold"):
-        fz.audit(root, cache=cache, threshold=0)
+    with pytest.raises(fz.UserError, match=r"^dup_threshold must be in \(0.0, 1.0\]"):  # worded for Python
+        fz.audit(root, cache=cache, dup_threshold=0)
