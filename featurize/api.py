@@ -496,7 +496,7 @@ class RunHead:
     def __init__(self, run_dir, device: str = "auto"):
         import json
 
-        from featurize.backbones import RUN_META
+        from featurize.registry import RUN_META
 
         self.path, self.device = Path(run_dir), device
         self.meta = json.loads((self.path / RUN_META).read_text())
@@ -530,9 +530,9 @@ def load_head(path, cache=None, *, trust: bool = False):
     ``$FEATURIZE_CACHE`` or ``./cache``. Heads are pickles: a file this tool did not write is
     refused unless ``trust=True`` (only for files from a source you trust).
     """
-    import os.path
+    from featurize.registry import is_run_folder
 
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "featurize_run.json")):
+    if is_run_folder(path):
         return RunHead(path)
     from heads.store import load_head as load
 

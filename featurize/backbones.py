@@ -20,9 +20,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from featurize import registry
 from featurize.errors import UserError
 from featurize.images import Preprocess
-from featurize.registry import LITE, PACKAGED_WEIGHTS
+from featurize.registry import LITE, PACKAGED_WEIGHTS, RUN_META, is_run_folder  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -46,22 +47,23 @@ class Backbone:
         }
 
 
-@dataclass
-class _Entry:
-    builder: Callable[..., Backbone]
-    dim: int
-    source: str
-    offline: Callable[[], bool]
-
-
-_REGISTRY: dict[str, _Entry] = {}
+# Names and metadata live in the torch-free featurize.registry; this maps each name to its builder.
+_BUILDERS: dict[str, Callable[..., Backbone]] = {}
 
 
 def register(name: str, dim: int, source: str, offline: Callable[[], bool] = lambda: False):
-    """Decorator: register ``builder(weights: str | None, pretrained: bool) -> Backbone`` under ``name``."""
+    """Decorator: register ``builder(weights: str | None, pretrained: bool) -> Backbone`` under ``name``.
+
+    The name is declared in ``featurize.registry`` (torch-free listing) unless it already is
+    there; registering a name twice is refused (``ValueError``), as for heads.
+    """
 
     def deco(fn):
-        _REGISTRY[name] = _Entry(fn, dim, source, offline)
+        if name in _BUILDERS:
+            raise ValueError(f"backbone {name!r} is already registered")
+        if registry.backbone_info(name) is None:
+            registry.declare(name, dim, source, offline)
+        _BUILDERS[name] = fn
         return fn
 
     return deco
@@ -75,12 +77,7 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+file_digest = registry.sha256_file
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -232,23 +229,8 @@ def _torchvision(name: str, head_path: str, weights: str | None, pretrained: boo
                     extra={"weights_url": enum.url})
 
 
-def _tv_offline(name: str) -> Callable[[], bool]:
-    def check() -> bool:
-        import torchvision
-
-        return _hub_file(torchvision.models.get_model_weights(name).DEFAULT.url).is_file()
-
-    return check
-
-
-# (name, the classifier layer replaced by Identity, its input width)
-_TORCHVISION = [
-    ("resnet18", "fc", 512), ("resnet50", "fc", 2048), ("vgg16", "classifier.6", 4096),
-    ("efficientnet_b0", "classifier.1", 1280), ("mobilenet_v3_large", "classifier.3", 1280),
-    ("convnext_tiny", "classifier.2", 768), ("vit_b_16", "heads.head", 768),
-]
-for _name, _head, _dim in _TORCHVISION:
-    register(_name, dim=_dim, source="torchvision weights API", offline=_tv_offline(_name))(
+for _name, _head, _dim, _ in registry.TORCHVISION:  # the weights file names: the registry's offline check
+    register(_name, dim=_dim, source="torchvision weights API")(
         lambda weights=None, pretrained=True, _n=_name, _h=_head: _torchvision(_n, _h, weights, pretrained))
 
 
@@ -273,7 +255,7 @@ TINY_CONFIG = {"input_size": (3, 32, 32), "crop_pct": 0.875, "mean": (0.5, 0.5, 
                "interpolation": "bilinear"}
 
 
-@register("tiny", dim=16, source="random weights (seed 0), for tests", offline=lambda: True)
+@register("tiny", dim=16, source="random weights (seed 0), for tests")
 def tiny(weights: str | None = None, pretrained: bool = True) -> Backbone:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -348,13 +330,6 @@ def _timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
     return Backbone(f"timm:{name}", freeze(model), Preprocess.from_timm(data_cfg), model.num_features, digest)
 
 
-RUN_META = "featurize_run.json"
-
-
-def is_run_folder(name: str) -> bool:
-    return os.path.isfile(os.path.join(name, RUN_META))
-
-
 def _run_folder(path: str) -> Backbone:
     """A fine-tuning run folder: its base backbone with the fine-tuned weights."""
     meta = json.loads(Path(path, RUN_META).read_text())
@@ -371,7 +346,7 @@ def _run_folder(path: str) -> Backbone:
 
 
 def backbone_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_BUILDERS)
 
 
 def get_backbone(name: str, weights: str | None = None, pretrained: bool = True) -> Backbone:
@@ -385,17 +360,15 @@ def get_backbone(name: str, weights: str | None = None, pretrained: bool = True)
         return _timm(name[5:], weights, pretrained)
     if is_run_folder(name):
         return _run_folder(name)
-    entry = _REGISTRY.get(name)
-    if entry is None:
-        raise UserError(f"unknown backbone {name!r}; valid: {', '.join(backbone_names())}, timm:<name>, "
-                        "or a fine-tuning run folder")
-    return entry.builder(weights=weights, pretrained=pretrained)
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise registry.unknown_backbone(name)
+    return builder(weights=weights, pretrained=pretrained)
 
 
 def list_backbones() -> list[dict]:
     """Return ``[{name, dim, offline, source}]`` for every registered backbone, without building any."""
-    return [{"name": n, "dim": e.dim, "offline": bool(e.offline()), "source": e.source}
-            for n, e in sorted(_REGISTRY.items())]
+    return registry.list_backbones()
 
 
 # --------------------------------------------------------------------------- device and precision

@@ -39,6 +39,7 @@ import numpy as np
 
 from featurize.errors import UserError
 from featurize.layout import Cache, dataset_key, default_cache_dir  # noqa: F401  (re-exported)
+from featurize.registry import is_run_folder
 
 SCHEMA_VERSION = 1
 HASH_DTYPE = "S32"  # blake2b-128 of the file bytes, hex
@@ -744,7 +745,7 @@ def resolve_space(cache_dir: str | os.PathLike, index: DatasetIndex, backbone: s
         raise UserError(f"{index.root} has no finished extraction in {cache_dir}; run `extract {index.root}`")
     if backbone is None:
         return FeatureSpace(Path(cache_dir), runs[0][0])
-    if os.path.isfile(os.path.join(backbone, "featurize_run.json")):  # a fine-tuning run folder (RUN_META)
+    if is_run_folder(backbone):  # a fine-tuning run folder
         backbone = f"run:{Path(backbone).resolve().name}"
     for sid, info in runs:
         if backbone in (sid, info.get("backbone")):

@@ -78,7 +78,9 @@ class TorchEngine(Engine):
     def __init__(self, backbone, device: torch.device, precision: str):
         self.backbone, self.device, self.precision = backbone, device, precision
         self.model = backbone.model.to(device).to(memory_format=torch.channels_last)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        from featurize.backbones import PRECISIONS
+
+        self.dtype = PRECISIONS[precision]
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
 

@@ -39,11 +39,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from featurize import cache as fc
-from featurize.backbones import RUN_META, Backbone, get_backbone, resolve_device, resolve_precision
+from featurize.backbones import PRECISIONS, Backbone, get_backbone, resolve_device, resolve_precision
 from featurize.errors import Interrupted, UserError
 from featurize.images import ImageError, read_image
 from featurize.options import check_batch_size, check_out_dir, check_seed, int_at_least, number_in, resolve_workers
 from featurize.pipeline import reader, tune_allocator, worker_init
+from featurize.registry import RUN_META
 
 SPLIT_FILE = "split.json"
 
@@ -467,7 +468,7 @@ def _build(meta: dict) -> tuple[Backbone, FinetuneModel, torch.device, str, torc
     bb = get_backbone(meta["base_backbone"], weights=meta.get("base_weights"), pretrained=False)
     device = resolve_device(cfg.device)
     prec = meta["precision"]
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+    dtype = PRECISIONS[prec]
     model = FinetuneModel(bb.model, bb.dim, len(meta["classes"]))
     return bb, model, device, prec, dtype
 
@@ -700,7 +701,7 @@ def load_run_model(run_dir: str | os.PathLike, device: str = "auto"):
         raise UserError(f"{run_dir} has no checkpoint yet; wait for its first epoch or `finetune --resume {run_dir}`")
     bb = get_backbone(str(run_dir))  # the run folder is a backbone: base + fine-tuned weights
     dev = resolve_device(device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[meta["precision"]]
+    dtype = PRECISIONS[meta["precision"]]
     if dev.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32
     model = FinetuneModel(bb.model, bb.dim, len(meta["classes"]))

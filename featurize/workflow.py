@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from featurize.errors import UserError
 from featurize.layout import Cache
+from featurize.registry import is_run_folder
 
 # --------------------------------------------------------------------------- predict
-
-
-def is_run_folder(path) -> bool:
-    """A fine-tuning run folder (``runs/ft-NNN/``), which classifies end to end."""
-    from featurize.registry import RUN_META
-
-    return path is not None and (Path(path) / RUN_META).is_file()
 
 
 def predict(cache, inputs: list[str], head: str = "logreg", model=None, data=None, backbone=None, top_k: int = 3,

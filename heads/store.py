@@ -14,7 +14,6 @@ over skops because it needs no extra dependency and keeps the custom estimators 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from featurize.errors import UserError
+from featurize.registry import sha256_file
 
 FORMAT = "featurize-head"
 FORMAT_VERSION = 1
@@ -32,13 +32,7 @@ def trust_file() -> Path:
     return Path(os.environ.get("FEATURIZE_HOME", Path.home() / ".featurize")) / "trusted_heads.json"
 
 
-def file_digest(path) -> str:
-    """Return the SHA-256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+file_digest = sha256_file  # the SHA-256 hex digest of a file's bytes
 
 
 def _read_trust() -> dict:
