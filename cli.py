@@ -364,7 +364,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from featurize import __version__
+
     parser = argparse.ArgumentParser(prog="featurize", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"featurize {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in COMMANDS:
         add(sub)

@@ -300,6 +300,7 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         "dim": run.get("dim") or space.info()["dim"], "device": run.get("device"), "precision": run.get("precision"),
         "engine": run.get("engine"),
         "images": len(sc.entries), "classes": len(index.classes), "ignored_files": sc.ignored, "workers": n_workers,
+        "splits": _split_counts(index.split, statuses),
         "hashed": n_hashed, "embedded": written,
         "cached": n_ok - written - duplicates, "duplicates": duplicates,
         "n_label_conflicts": len(conflicts), "label_conflicts": conflicts[:50],
@@ -316,6 +317,17 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         raise Interrupted(f"Interrupted: {written} images embedded and saved, {summary['pending']} still pending; "
                           "re-run the same command to resume.")
     return summary
+
+
+def _split_counts(splits: list[str], statuses: list[str]) -> dict:
+    """``{split: {"images", "ok"}}`` for a split layout (train/val/test), ``{}`` otherwise."""
+    out: dict[str, dict] = {}
+    for sp, st in zip(splits, statuses):
+        if sp:
+            c = out.setdefault(sp, {"images": 0, "ok": 0})
+            c["images"] += 1
+            c["ok"] += st == fc.STATUS_OK
+    return {sp: out[sp] for sp in ("train", "val", "test") if sp in out}
 
 
 def _duplicate_problems(index: fc.DatasetIndex) -> tuple[list[list[str]], list[list[str]]]:
@@ -376,6 +388,10 @@ def format_summary(s: dict) -> str:
         + (f"; process {s['process_seconds']:.2f}s" if s.get("process_seconds") else f"; wall {s['wall_seconds']:.2f}s"),
         f"cache: {s['index_file']} + {s['features_dir']}",
     ]
+    if s.get("splits"):  # the held-out parts are what the metrics will rest on
+        lines.insert(1, "splits: " + ", ".join(
+            f"{sp} {c['ok']}" + (f" ({c['images'] - c['ok']} not ok)" if c["images"] != c["ok"] else "")
+            for sp, c in s["splits"].items()) + " images")
     if s.get("n_label_conflicts"):
         lines.append(f"warning: {s['n_label_conflicts']} images have the same bytes under different labels, e.g. "
                      f"{' = '.join(s['label_conflicts'][0])}; check their labels (see --json)")

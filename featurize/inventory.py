@@ -59,13 +59,14 @@ def describe_cache(cache_dir) -> dict:
         raise UserError(f"{root} is not a featurize cache (no datasets/ or features/ folder); pass --cache DIR "
                         "with the folder `extract` wrote to")
     datasets = []
-    for path, idx in fc.list_indexes(root):
+    for path, idx in fc.list_indexes(root):  # newest first: the first is what commands without --data use
         ok = sum(s == fc.STATUS_OK for s in idx.status)
         failed = sum(s.startswith("error") for s in idx.status)
         datasets.append({
             "index": str(path), "root": idx.root, "layout": idx.layout, "classes": len(idx.classes),
             "images": len(idx), "ok": ok, "failed": failed, "pending": len(idx) - ok - failed,
             "updated_at": idx.updated_at, "extractions": idx.extractions, "bytes": _bytes(path),
+            "default": not datasets,
         })
     spaces = []
     for folder in cache.space_folders():
@@ -97,8 +98,9 @@ def describe_cache(cache_dir) -> dict:
             "scored_on": score[0] if score else None, "accuracy": score[1] if score else None,
         })
     engines = [{"path": str(p), "bytes": _bytes(p)} for p in cache.engine_folders()]
-    return {"cache": str(root.resolve()), "bytes": _bytes(root), "datasets": datasets, "spaces": spaces, "heads": heads,
-            "engines": engines}
+    return {"cache": str(root.resolve()), "bytes": _bytes(root),
+            "default_dataset": datasets[0]["root"] if datasets else None, "datasets": datasets, "spaces": spaces,
+            "heads": heads, "engines": engines}
 
 
 def _size(n: int) -> str:
@@ -116,8 +118,9 @@ def format_inventory(inv: dict) -> str:
     for d in inv["datasets"]:
         extra = f", {d['failed']} failed" if d["failed"] else ""
         extra += f", {d['pending']} pending" if d["pending"] else ""
+        default = "  [default: used when --data is not given]" if d.get("default") else ""
         out.append(f"  {d['root']}  {d['images']} images ({d['ok']} ok{extra}), {d['classes']} classes, "
-                   f"{d['layout']} layout")
+                   f"{d['layout']} layout{default}")
         for sid, run in sorted(d["extractions"].items()):
             how = " ".join(str(run[k]) for k in ("engine", "precision", "device") if run.get(k))
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["finished_at"])) if run.get("finished_at") \

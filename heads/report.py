@@ -163,11 +163,15 @@ def build_report(meta: dict, out_dir, max_errors: int = 60) -> dict:
                         for part, m in metrics.items())
     cards = []
     for raw, e in list(zip(raw_errors, meta.get("errors", [])))[:max_errors]:
-        b64 = _thumb(os.path.join(raw_root, raw["path"]))  # index paths are root-relative
+        full = Path(os.path.join(raw_root, raw["path"]))  # index paths are root-relative
+        b64 = _thumb(str(full))
         img = f'<img src="data:image/jpeg;base64,{b64}" alt="">' if b64 else '<div class="bad">(image missing)</div>'
+        if b64 and full.is_absolute():  # the thumbnail opens the full image
+            img = f'<a href="{_e(full.as_uri())}">{img}</a>'
         prob = f" ({_f(e['prob'], '.2f')})" if e.get("prob") is not None else ""
+        part = f" [{_e(e['part'])}]" if e.get("part") else ""
         cards.append(f"<figure>{img}<figcaption>true <b>{_e(e['true'])}</b><br>"
-                     f"pred <b class=bad>{_e(e['pred'])}</b>{prob}<br>{_e(Path(e['path']).name)}"
+                     f"pred <b class=bad>{_e(e['pred'])}</b>{prob}<br>{_e(e['path'])}{part}"
                      f"</figcaption></figure>")
     n_err = len(meta.get("errors", []))
     gallery = (f"<p>{n_err} misclassified held-out images; {len(cards)} shown, taken in turn from each true "

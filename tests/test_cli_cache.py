@@ -38,6 +38,20 @@ def test_cache_lists_datasets_spaces_heads_and_sizes(tmp_path):
     assert (other["vectors"], other["unreadable_shards"]) == (0, 1) and "1 unreadable" in p.stdout
 
 
+def test_cache_says_which_dataset_is_the_default(tmp_path):
+    c = tmp_path / "c"
+    build_cache(c, tmp_path / "older", ["a", "b"], [3, 3])
+    build_cache(c, tmp_path / "newer", ["a", "b"], [3, 3])  # extracted last: what --data defaults to
+    p = run_cli("cache", "--cache", c, "--json", check=0)
+    out = last_json(p)
+    assert out["default_dataset"] == str(tmp_path / "newer")
+    assert [(d["root"], d["default"]) for d in out["datasets"]] == [(str(tmp_path / "newer"), True),
+                                                                      (str(tmp_path / "older"), False)]
+    [line] = [x for x in p.stdout.splitlines() if "[default" in x]
+    assert line.strip().startswith(str(tmp_path / "newer"))
+    assert run_cli("--version", check=0).stdout.startswith("featurize 0.")
+
+
 def test_cache_empty_and_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     p = run_cli("cache", "--cache", tmp_path / "empty", check=0)

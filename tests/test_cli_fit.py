@@ -2,10 +2,13 @@
 
 import csv
 import json
+import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+from urllib.parse import unquote
 
 import pytest
 
@@ -127,6 +130,10 @@ def test_report_renders_metrics_confusion_and_gallery(tmp_path, env):
     assert "confusion" in html and "balanced_accuracy" in html and "data:image/png;base64," in html
     assert out["paths"]["gallery"] > 0 and html.count("data:image/jpeg;base64,") == out["paths"]["gallery"]
     assert "(image missing)" not in html  # root-relative index paths resolve from any working directory
+    # captions: the path relative to the dataset and the part it was held out in; thumbnails open the image
+    assert len(re.findall(r"<br>[ab]/img\d{4}\.png \[cv\]</figcaption>", html)) == out["paths"]["gallery"]
+    links = re.findall(r'<a href="(file://[^"]+)"><img src="data:image/jpeg', html)
+    assert len(links) == out["paths"]["gallery"] and all(os.path.isfile(unquote(u[7:])) for u in links)
     assert all(open(png, "rb").read(4) == b"\x89PNG" for png in out["paths"]["pngs"])
 
 

@@ -138,6 +138,13 @@ def test_split_layout_is_recorded(tmp_path, cache):
     _, idx = fc.find_index(cache, root)
     assert sorted(set(idx.split)) == ["test", "train", "val"]
     assert idx.label[idx.path.index("val/dog/1.jpg")] == "dog"
+    # per-split counts in the summary and its text (a broken file counts as not ok in its split)
+    assert s["splits"] == {"train": {"images": 4, "ok": 4}, "val": {"images": 4, "ok": 4},
+                           "test": {"images": 4, "ok": 4}}
+    (root / "test" / "cat" / "bad.jpg").write_bytes(b"not a jpeg")
+    s = extract(root, cache, **FAST)
+    assert s["splits"]["test"] == {"images": 5, "ok": 4}
+    assert "splits: train 4, val 4, test 4 (1 not ok) images" in format_summary(s).splitlines()[1]
 
 
 def test_flat_folder_is_unlabelled(tmp_path, cache):
@@ -155,7 +162,7 @@ def test_cli_extract_json_and_errors(dataset, cache, tmp_path):
     for args, msg in [
         (["extract", tmp_path / "missing"], "does not exist"),
         (["extract", tmp_path], "no images"),
-        (["extract", dataset, "--backbone", "resnet5"], "unknown backbone 'resnet5'; valid: "),
+        (["extract", dataset, "--backbone", "resnet5"], "unknown backbone 'resnet5'; did you mean 'resnet50'? valid: "),
         (["extract", dataset, "--backbone", "tiny", "--precision", "fp8"], "unknown precision"),
         (["extract", dataset, "--backbone", "tiny", "--device", "cuda:0" if not _has_cuda() else "nope"], "device"),
     ]:
