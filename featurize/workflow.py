@@ -6,7 +6,8 @@ Python API (``featurize.api``):
 
 - :func:`predict` classifies files with a fitted head (embedding what the cache lacks) or
   with a fine-tuning run folder end to end, and says which head, dataset and space it used;
-- :func:`finetune` starts LP-FT from the fitted linear probe (:func:`probe_for`) or resumes a run.
+- :func:`finetune` starts LP-FT from the fitted linear probe (:func:`probe_for`) or resumes a run;
+- :func:`demo` writes the digits, extracts and fits.
 
 Importing this module is torch-free; torch loads only when an image must be embedded or trained on.
 """
@@ -75,6 +76,23 @@ def _predict_with_run(inputs, run_dir, top_k, fmt, batch_size, device) -> dict:
     return {"model": str(run_dir), "head": "finetune", "predictions": rows,
             "errors": [{"path": p, "reason": r} for p, r in errors],
             "timings": {"total_s": round(time.perf_counter() - t0, 3)}}
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def demo(cache, out="data/digits", head: str = "logreg", progress: bool = True) -> dict:
+    """The offline demo: write scikit-learn's digits as PNGs under ``out``, extract them with the
+    offline default backbone and fit ``head``; prints as ``extract`` and ``fit`` do."""
+    from featurize.demo import write_digits
+    from featurize.extract import extract, format_summary
+    from heads.commands import run_fit
+
+    folder = write_digits(out)
+    print(f"wrote scikit-learn's 1,797 handwritten digits to {folder}/<digit>/*.png")
+    summary = extract(str(folder), cache_dir=Cache.of(cache), backbone="efficientnet_lite0", progress=progress)
+    print(format_summary(summary))
+    return {"extract": summary, "fit": run_fit(Cache.of(cache), head=head, data=str(folder))}
 
 
 # --------------------------------------------------------------------------- finetune (LP-FT)

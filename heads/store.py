@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from featurize.errors import UserError
-from featurize.registry import sha256_file
+from featurize.files import replacing, sha256_file, write_text
 
 FORMAT = "featurize-head"
 FORMAT_VERSION = 1
@@ -52,11 +52,7 @@ def _trust(digest: str, path, meta_digest: str | None = None) -> None:
     reg[digest] = {"path": str(Path(path).resolve()), "trusted_at": time.time()}
     if meta_digest:  # the sidecar's digest too: `report` reads only the sidecar
         reg[digest]["meta_sha256"] = meta_digest
-    f = trust_file()
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(reg, indent=1, sort_keys=True))
-    os.replace(tmp, f)
+    write_text(trust_file(), json.dumps(reg, indent=1, sort_keys=True))
 
 
 def versions() -> dict:
@@ -81,12 +77,11 @@ def save_head(path, estimator, meta: dict) -> dict:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), "saved_at": time.time()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    joblib.dump({"format": FORMAT, "meta": meta, "estimator": estimator}, tmp, compress=3)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        joblib.dump({"format": FORMAT, "meta": meta, "estimator": estimator}, tmp, compress=3)
     digest = file_digest(path)
     meta_path = path.with_suffix(".json")
-    meta_path.write_text(json.dumps({**meta, "sha256": digest}, indent=1, default=str))
+    write_text(meta_path, json.dumps({**meta, "sha256": digest}, indent=1, default=str))
     _trust(digest, path, file_digest(meta_path))
     return {"path": str(path), "meta_path": str(meta_path), "sha256": digest}
 
