@@ -42,11 +42,31 @@ def _flag(m: re.Match) -> str:
     return f"{py}={value.strip()}" if value else py
 
 
+def _call(m: re.Match) -> str:
+    """`` `fit --head logreg DATA` `` -> `` `featurize.fit('DATA', head='logreg')` ``."""
+    tokens, args, i = m.group(2).split(), [], 0
+    while i < len(tokens):
+        t = tokens[i]
+        if t.startswith("--"):
+            key = t[2:].replace("-", "_")
+            if t[2:] in _BOOL_FLAGS or i + 1 == len(tokens):
+                args.append(f"{key}=True")
+            else:
+                args.append(f"{key}={tokens[i + 1]!r}")
+                i += 1
+        else:
+            args.insert(sum(not a.count("=") for a in args), repr(t))
+        i += 1
+    return f"`featurize.{m.group(1)}({', '.join(args)})`"
+
+
 def python_wording(message: str) -> str:
-    """Reword a CLI-worded message for a Python caller: ``--batch-size`` -> ``batch_size``,
-    ``--weights PATH`` -> ``weights=PATH``, ``--trust`` -> ``trust=True``, ``--cache DIR`` -> ``cache=DIR``."""
-    message = re.sub(r"--([a-z][a-z0-9-]*)( [A-Z][A-Z_]*\b)?", _flag, message)
-    return re.sub(r"`(extract|fit) ([^`-][^`]*)`", lambda m: f"`featurize.{m.group(1)}({m.group(2)!r})`", message)
+    """Reword a CLI-worded message for a Python caller: `` `extract DATA` `` -> ``featurize.extract('DATA')``,
+    ``--batch-size`` -> ``batch_size``, ``--weights PATH`` -> ``weights=PATH``, ``--trust`` -> ``trust=True``."""
+    message = re.sub(r"`(extract|fit)((?: [^`]+)?)`", _call, message)
+    parts = message.split("`")  # flags inside another command's backticks stay CLI flags
+    parts[::2] = [re.sub(r"--([a-z][a-z0-9-]*)( [A-Z][A-Z_]*\b)?", _flag, p) for p in parts[::2]]
+    return "`".join(parts)
 
 
 @contextlib.contextmanager

@@ -15,12 +15,11 @@ import itertools
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
-from featurize import __version__, enginestore, fastdecode, fastpath
+from featurize import CallableModule, __version__, enginestore, fastdecode, fastpath
 from featurize import cache as fc
 from featurize.dataset import scan
 from featurize.errors import Interrupted, UserError
@@ -459,17 +458,4 @@ def embed_files(space: fc.FeatureSpace, paths: list[str], build, batch_size: int
     return found, errors
 
 
-class _CallableModule(types.ModuleType):
-    """``featurize.extract`` is this module and, called, the Python API's :func:`featurize.api.extract`.
-
-    Importing a submodule sets it as an attribute of its package, so ``featurize.extract`` can
-    only be the public function if the module itself can be called.
-    """
-
-    def __call__(self, *args, **kwargs):
-        from featurize.api import extract as api_extract
-
-        return api_extract(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+sys.modules[__name__].__class__ = CallableModule  # featurize.extract(...) is the Python API's extract

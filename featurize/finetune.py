@@ -36,15 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from featurize import cache as fc
 from featurize.backbones import PRECISIONS, Backbone, get_backbone, resolve_device, resolve_precision
 from featurize.errors import Interrupted, UserError
 from featurize.files import replacing, write_text
 from featurize.images import ImageError, read_image
+from featurize.loading import make_loader, reader
 from featurize.options import check_batch_size, check_out_dir, check_seed, int_at_least, number_in, resolve_workers
-from featurize.pipeline import reader, tune_allocator, worker_init
+from featurize.pipeline import tune_allocator
 from featurize.registry import RUN_META
 
 SPLIT_FILE = "split.json"
@@ -201,8 +202,7 @@ def _train_loader(plan: DataPlan, bb: Backbone, cfg: FinetuneConfig, epoch: int,
     ds = TrainImages(plan.root, plan.train, bb.preprocess.train_transform(), cfg.seed)
     ds.epoch = epoch
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
-    return DataLoader(ds, batch_size=cfg.batch_size, sampler=order, num_workers=workers, collate_fn=_collate_train,
-                      worker_init_fn=worker_init if workers else None, prefetch_factor=4 if workers else None)
+    return make_loader(ds, cfg.batch_size, workers, _collate_train, sampler=order)
 
 
 # --------------------------------------------------------------------------- model

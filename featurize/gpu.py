@@ -18,10 +18,9 @@ import io
 import time
 
 import torch
-from torch.utils.data import DataLoader
 
 from featurize.images import MAX_PIXELS, ImageError, Preprocess, decode_bytes, read_bytes
-from featurize.pipeline import ImageReader
+from featurize.loading import ImageReader, make_loader
 
 
 def _plain_jpeg(data: bytes) -> bool:
@@ -104,13 +103,8 @@ def device_decode_batch(items, preprocess: Preprocess, device: torch.device):
 
 
 def device_reader(paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, device: torch.device):
-    """Like ``featurize.extract.reader`` but JPEG decoding and resizing run on ``device``."""
-    from featurize.pipeline import worker_init
-
-    loader = DataLoader(BytesOrCrop(paths, preprocess), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, worker_init_fn=worker_init if workers else None,
-                        prefetch_factor=4 if workers else None)
-    for items in loader:
+    """Like ``featurize.loading.reader`` but JPEG decoding and resizing run on ``device``."""
+    for items in make_loader(BytesOrCrop(paths, preprocess), batch_size, workers, _collate):
         yield device_decode_batch(items, preprocess, device)
 
 

@@ -58,49 +58,62 @@ def describe_cache(cache_dir) -> dict:
     if not cache.looks_like_cache():
         raise UserError(f"{root} is not a featurize cache (no datasets/ or features/ folder); pass --cache DIR "
                         "with the folder `extract` wrote to")
-    datasets = []
-    for path, idx in fc.list_indexes(root):  # newest first: the first is what commands without --data use
+    datasets = _datasets(cache)
+    return {"cache": str(root.resolve()), "bytes": _bytes(root),
+            "default_dataset": datasets[0]["root"] if datasets else None, "datasets": datasets,
+            "spaces": _spaces(cache, datasets), "heads": _heads(cache),
+            "engines": [{"path": str(p), "bytes": _bytes(p)} for p in cache.engine_folders()]}
+
+
+def _datasets(cache: fc.Cache) -> list[dict]:
+    out = []
+    for path, idx in fc.list_indexes(cache):  # newest first: the first is what commands without --data use
         ok = sum(s == fc.STATUS_OK for s in idx.status)
         failed = sum(s.startswith("error") for s in idx.status)
-        datasets.append({
+        out.append({
             "index": str(path), "root": idx.root, "layout": idx.layout, "classes": len(idx.classes),
             "images": len(idx), "ok": ok, "failed": failed, "pending": len(idx) - ok - failed,
             "updated_at": idx.updated_at, "extractions": idx.extractions, "bytes": _bytes(path),
-            "default": not datasets,
+            "default": not out,
         })
-    spaces = []
+    return out
+
+
+def _spaces(cache: fc.Cache, datasets: list[dict]) -> list[dict]:
+    out = []
     for folder in cache.space_folders():
-        space = fc.FeatureSpace(root, folder.name)
+        space = fc.FeatureSpace(cache.root, folder.name)
         try:
             info = space.info()
         except UserError:
             info = {}
         shards = space.shard_paths()
         rows = [_rows(s) for s in shards]
-        spaces.append({
+        out.append({
             "space_id": folder.name, "backbone": info.get("backbone", "?"), "dim": info.get("dim"),
             "precision": info.get("precision"), "vectors": sum(r for r in rows if r > 0),
             "shards": len(shards), "unreadable_shards": sum(r < 0 for r in rows), "bytes": _bytes(folder),
             "datasets": [d["root"] for d in datasets if folder.name in d["extractions"]],
         })
-    heads = []
+    return out
+
+
+def _heads(cache: fc.Cache) -> list[dict]:
+    out = []
     for meta_path in cache.head_sidecars():
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             continue
         if "space_id" not in meta or "head" not in meta:
-            continue
+            continue  # another JSON under heads/ (an audit, a report's data)
         score = _held_out_accuracy(meta.get("metrics", {}))
-        heads.append({
+        out.append({
             "path": str(meta_path.with_suffix(".joblib")), "head": meta["head"], "dataset": meta.get("dataset"),
             "backbone": meta.get("backbone"), "space_id": meta["space_id"], "saved_at": meta.get("saved_at"),
             "scored_on": score[0] if score else None, "accuracy": score[1] if score else None,
         })
-    engines = [{"path": str(p), "bytes": _bytes(p)} for p in cache.engine_folders()]
-    return {"cache": str(root.resolve()), "bytes": _bytes(root),
-            "default_dataset": datasets[0]["root"] if datasets else None, "datasets": datasets, "spaces": spaces,
-            "heads": heads, "engines": engines}
+    return out
 
 
 def _size(n: int) -> str:

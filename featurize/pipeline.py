@@ -1,6 +1,6 @@
 """The torch half of extraction: reader -> model -> writer.
 
-- reader: DataLoader workers decode + resize on uint8 (``featurize.images``); a file that
+- reader: DataLoader workers decode + resize on uint8 (``featurize.loading``); a file that
   fails becomes a recorded status, never an exception (on CUDA, JPEGs decode on the GPU:
   ``featurize.gpu``);
 - model: an engine (``featurize.engines``) runs batched inference in ``inference_mode``;
@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import ctypes
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from featurize import cache as fc
 from featurize.backbones import Backbone, get_backbone, resolve_device, resolve_precision
 from featurize.engines import make_engine
 from featurize.fastpath import drive
-from featurize.images import ImageError, Preprocess, read_image
+from featurize.loading import ImageReader, reader, worker_init  # noqa: F401  (re-exported)
 from featurize.options import resolve_workers
 
 
@@ -49,68 +47,6 @@ def tune_allocator() -> None:
 
 def default_workers() -> int:
     return resolve_workers(None)
-
-
-# --------------------------------------------------------------------------- reader
-
-
-class ImageReader(Dataset):
-    """Map-style dataset of files -> (index, uint8 crop or None, error, decode seconds)."""
-
-    def __init__(self, paths: list[str], preprocess: Preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        t = time.perf_counter()
-        try:
-            img = self.preprocess(read_image(self.paths[i]))
-            return i, img, "", time.perf_counter() - t
-        except ImageError as e:
-            return i, None, str(e), time.perf_counter() - t
-        except Exception as e:  # a decoder bug on one file must not end the run
-            return i, None, f"cannot decode ({type(e).__name__}: {e})", time.perf_counter() - t
-
-
-def _collate(items):
-    ok = [(i, img) for i, img, err, _ in items if img is not None]
-    return {
-        "index": [i for i, _ in ok],
-        "images": torch.stack([img for _, img in ok]) if ok else None,
-        "errors": [(i, err) for i, img, err, _ in items if img is None],
-        "decode_s": sum(t for *_, t in items),
-    }
-
-
-def _quiet_hangups(exc_type, exc, tb, _default=sys.excepthook):
-    # A worker hands each decoded batch to the main process by passing a file descriptor
-    # (multiprocessing's resource sharer thread). If Ctrl-C stops the main process mid
-    # hand-over, that thread sees the connection drop and would print a traceback under the
-    # one-line "Interrupted" message; the batch is re-decoded on resume, nothing is lost.
-    if issubclass(exc_type, (EOFError, ConnectionError)):
-        return
-    _default(exc_type, exc, tb)
-
-
-def worker_init(_):
-    """DataLoader worker setup shared by extraction, GPU decoding and fine-tuning."""
-    # Ctrl-C goes to the whole process group; only the main process handles it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.excepthook = _quiet_hangups
-    torch.set_num_threads(1)
-
-
-def reader(paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool = False):
-    """Yield batches ``{index, images (uint8 NCHW), errors [(i, reason)], decode_s}`` in order."""
-    workers = resolve_workers(workers)  # never more processes than cores (each holds a decoder's memory)
-    loader = DataLoader(
-        ImageReader(paths, preprocess), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-        worker_init_fn=worker_init if workers else None, pin_memory=pin,
-        prefetch_factor=4 if workers else None, persistent_workers=False,
-    )
-    yield from loader
 
 
 # --------------------------------------------------------------------------- model

@@ -97,6 +97,11 @@ def test_errors_are_worded_for_python_and_for_the_cli(env, tmp_path):
     with pytest.raises(fz.UserError, match="could not be embedded") as e:
         fz.embed([str(tmp_path / "missing.jpg")], backbone="tiny")
     assert e.value.details["errors"][0]["path"].endswith("missing.jpg")
+    from featurize.api import python_wording
+
+    assert python_wording("run `fit --head logreg` first (or `finetune --init random`); pass --weights PATH or "
+                          "--trust") == ("run `featurize.fit(head='logreg')` first (or `finetune --init random`); "
+                                         "pass weights=PATH or trust=True")
     proc = run_cli("extract", env["data"], "--backbone", "tiny", "--cache", env["cache"], "--batch-size", "0", check=1)
     assert "Error: --batch-size must be >= 1" in proc.stderr
 
