@@ -16,73 +16,25 @@ Python caller (``batch_size=``, not ``--batch-size``); the CLI words the same er
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from featurize.errors import UserError
-
-DEFAULT_BACKBONE = "efficientnet_lite0"
+from featurize.embedding import as_list, model_for
+from featurize.errors import UserError, python_errors, python_wording  # noqa: F401
+from featurize.registry import DEFAULT_BACKBONE
 
 # --------------------------------------------------------------------------- errors for Python callers
-
-_BOOL_FLAGS = {"trust", "wait", "train-bn", "no-progress", "json"}
-
-
-def _flag(m: re.Match) -> str:
-    name, value = m.group(1), m.group(2)
-    py = name.replace("-", "_")
-    if name in _BOOL_FLAGS:
-        return f"{py}=True"
-    return f"{py}={value.strip()}" if value else py
-
-
-def _call(m: re.Match) -> str:
-    """`` `fit --head logreg DATA` `` -> `` `featurize.fit('DATA', head='logreg')` ``."""
-    tokens, args, i = m.group(2).split(), [], 0
-    while i < len(tokens):
-        t = tokens[i]
-        if t.startswith("--"):
-            key = t[2:].replace("-", "_")
-            if t[2:] in _BOOL_FLAGS or i + 1 == len(tokens):
-                args.append(f"{key}=True")
-            else:
-                args.append(f"{key}={tokens[i + 1]!r}")
-                i += 1
-        else:
-            args.insert(sum(not a.count("=") for a in args), repr(t))
-        i += 1
-    return f"`featurize.{m.group(1)}({', '.join(args)})`"
-
-
-def python_wording(message: str) -> str:
-    """Reword a CLI-worded message for a Python caller: `` `extract DATA` `` -> ``featurize.extract('DATA')``,
-    ``--batch-size`` -> ``batch_size``, ``--weights PATH`` -> ``weights=PATH``, ``--trust`` -> ``trust=True``."""
-    message = re.sub(r"`(extract|fit)((?: [^`]+)?)`", _call, message)
-    parts = message.split("`")  # flags inside another command's backticks stay CLI flags
-    parts[::2] = [re.sub(r"--([a-z][a-z0-9-]*)( [A-Z][A-Z_]*\b)?", _flag, p) for p in parts[::2]]
-    return "`".join(parts)
-
-
-@contextlib.contextmanager
-def _python_errors():
-    try:
-        yield
-    except UserError as e:
-        raise type(e)(python_wording(str(e)), e.details) from None
-
 
 def _api(fn):
     """Public API function: its UserErrors are worded for Python callers."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _python_errors():
+        with python_errors():
             return fn(*args, **kwargs)
 
     return wrapper
@@ -194,119 +146,6 @@ def load_features(data=None, cache=None, backbone: str | None = None) -> Feature
 # --------------------------------------------------------------------------- embed
 
 
-def _to_uint8_chw(item):
-    """A PIL image, an (H, W[, C]) uint8 array or a (3, H, W) uint8 tensor -> (3, H, W) uint8 tensor."""
-    import torch
-
-    if hasattr(item, "convert") and hasattr(item, "size"):  # PIL.Image
-        from PIL import ImageOps
-
-        from featurize.pixels import BlankImage, to_rgb
-
-        try:
-            item = np.asarray(to_rgb(ImageOps.exif_transpose(item)))
-        except BlankImage as e:
-            raise UserError(f"cannot embed this image: {e}") from None
-    if isinstance(item, torch.Tensor):
-        t = item
-    else:
-        a = np.asarray(item)
-        if a.dtype != np.uint8:
-            raise UserError(f"an image array must be uint8 (0-255), got {a.dtype}; convert it with "
-                            "(a * 255).astype(np.uint8) or pass a file path")
-        if a.ndim == 2:
-            a = np.stack([a] * 3, axis=-1)
-        if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-            raise UserError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {a.shape}")
-        a = np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a[..., :3]
-        t = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1)  # torch wants a writable array
-    if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[0] != 3:
-        raise UserError(f"an image tensor must be uint8 (3, H, W); got {t.dtype} {tuple(t.shape)}")
-    return t
-
-
-def _is_path(item) -> bool:
-    return isinstance(item, (str, os.PathLike))
-
-
-class _Model:
-    """A built backbone + engine (+ its feature space in a cache), reused across calls."""
-
-    def __init__(self, backbone, weights, cache, device, precision, engine):
-        from featurize.backbones import get_backbone, resolve_device, resolve_precision
-        from featurize.engines import make_engine
-
-        self.cache = None if cache is None else Path(cache)
-        if self.cache is not None:  # registers the space in the cache: vectors are cached by content hash
-            from featurize.pipeline import build_extractor
-
-            self.ex = build_extractor(self.cache, backbone, weights, device, precision, engine)
-            self.backbone, self.engine, self.space = self.ex.backbone, self.ex.engine, self.ex.space
-        else:
-            from featurize import cache as fc
-
-            dev = resolve_device(device)
-            prec = resolve_precision(precision, dev)
-            self.backbone = get_backbone(backbone, weights=weights)
-            # without a cache a converted engine could not be kept, so auto means the PyTorch engine
-            self.engine = make_engine(self.backbone, dev, prec, "torch" if engine == "auto" else engine, lazy=True)
-            self.space, self.ex = fc.FeatureSpace(Path("."), fc.space_id_for(self.backbone.space_config(prec))), None
-        self.dim = self.backbone.dim
-
-    def __call__(self, items: list, batch_size: int, workers: int | None) -> np.ndarray:
-        from featurize.options import check_batch_size, resolve_workers
-
-        check_batch_size(batch_size)
-        workers = resolve_workers(workers)
-        out = np.empty((len(items), self.dim), np.float32)
-        files = [i for i, x in enumerate(items) if _is_path(x)]
-        arrays = [i for i, x in enumerate(items) if not _is_path(x)]
-        if files:
-            paths = [os.fspath(items[i]) for i in files]
-            vectors, errors = self._files(paths, batch_size, workers)
-            if errors:
-                listed = "; ".join(f"{p}: {r}" for p, r in errors[:5]) + (" ..." if len(errors) > 5 else "")
-                raise UserError(f"{len(errors)} of the {len(paths)} image files could not be embedded ({listed}); "
-                                "remove or fix them", details={"errors": [{"path": p, "reason": r} for p, r in errors]})
-            out[files] = np.stack([vectors[p] for p in paths])
-        for start in range(0, len(arrays), batch_size):
-            import torch
-
-            chunk = arrays[start:start + batch_size]
-            batch = torch.stack([self.backbone.preprocess(_to_uint8_chw(items[i])) for i in chunk])
-            out[chunk] = self.engine(batch)
-        return out
-
-    def _files(self, paths, batch_size, workers):
-        if self.ex is not None:
-            from featurize.extract import embed_files
-
-            return embed_files(self.space, paths, lambda: self.ex, batch_size, workers)
-        from featurize.pipeline import reader
-
-        vectors, errors = {}, []
-        for b in reader(paths, self.backbone.preprocess, batch_size, workers or 0):
-            errors += [(paths[i], reason) for i, reason in b["errors"]]
-            if b["images"] is not None:
-                vectors.update(zip((paths[i] for i in b["index"]), self.engine(b["images"])))
-        return vectors, errors
-
-
-@functools.lru_cache(maxsize=4)
-def _model(backbone, weights, cache, device, precision, engine) -> _Model:
-    return _Model(backbone, weights, cache, device, precision, engine)
-
-
-def _as_list(images) -> list:
-    if type(images).__name__ == "Tensor" and getattr(images, "ndim", 0) == 3:
-        return [images]  # one (3, H, W) tensor
-    if _is_path(images) or (isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype == np.uint8):
-        return [images]  # one image
-    if hasattr(images, "convert") and hasattr(images, "size"):
-        return [images]
-    return list(images)
-
-
 @_api
 def embed(images, backbone: str = DEFAULT_BACKBONE, cache=None, *, weights: str | None = None,
           batch_size: int = 32, workers: int | None = None, device: str = "auto", precision: str = "auto",
@@ -319,8 +158,8 @@ def embed(images, backbone: str = DEFAULT_BACKBONE, cache=None, *, weights: str 
     writes); in-memory images are always computed. The built model is kept for the next call.
     Raises ``UserError`` naming any file that cannot be read or decoded.
     """
-    items = _as_list(images)
-    model = _model(backbone, weights, None if cache is None else str(cache), device, precision, engine)
+    items = as_list(images)
+    model = model_for(backbone, weights, None if cache is None else str(cache), device, precision, engine)
     if not items:
         return np.empty((0, model.dim), np.float32)
     return model(items, batch_size, workers)
@@ -329,78 +168,14 @@ def embed(images, backbone: str = DEFAULT_BACKBONE, cache=None, *, weights: str 
 # --------------------------------------------------------------------------- scikit-learn transformer
 
 
-def _sklearn_base():
-    from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
-
-    return ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
-
-
 def __getattr__(name):
-    # Embedder subclasses scikit-learn classes; building it on first use keeps `import featurize.api`
-    # free of scikit-learn's import time.
+    # Embedder subclasses scikit-learn classes: imported on first use, so `import featurize.api`
+    # does not pay scikit-learn's import time.
     if name == "Embedder":
-        global Embedder
-        Embedder = _make_embedder()
+        from featurize.embedder import Embedder
+
         return Embedder
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _make_embedder():
-    class Embedder(*_sklearn_base()):
-        """A scikit-learn transformer: images in (file paths, PIL images or uint8 arrays), backbone
-        embeddings out (float32 ``(n, D)``).
-
-        Stateless (``fit`` only builds the model and records ``D``), cache-backed when ``cache``
-        is a folder, and usable in any ``Pipeline``::
-
-            make_pipeline(fz.Embedder("efficientnet_lite0", cache="cache/"), LogisticRegression())
-        """
-
-        def __init__(self, backbone=DEFAULT_BACKBONE, cache=None, weights=None, batch_size=32, device="auto",
-                     precision="auto", engine="auto"):
-            self.backbone = backbone
-            self.cache = cache
-            self.weights = weights
-            self.batch_size = batch_size
-            self.device = device
-            self.precision = precision
-            self.engine = engine
-
-        def _built(self) -> _Model:
-            with _python_errors():
-                return _model(self.backbone, self.weights, None if self.cache is None else str(self.cache),
-                              self.device, self.precision, self.engine)
-
-        def fit(self, X=None, y=None):
-            """Build the backbone (nothing is learned); sets ``n_features_out_`` and ``space_id_``."""
-            model = self._built()
-            self._n_features_out = model.dim
-            self.space_id_ = model.space.space_id
-            return self
-
-        @property
-        def n_features_out_(self) -> int:
-            return self._n_features_out
-
-        def transform(self, X):
-            """Embed each image of ``X``; returns float32 ``(len(X), D)``."""
-            items = _as_list(X)
-            model = self._built()
-            if not hasattr(self, "_n_features_out"):  # stateless: transform without fit is fine
-                self._n_features_out, self.space_id_ = model.dim, model.space.space_id
-            with _python_errors():
-                return model(items, self.batch_size, None) if items else np.empty((0, model.dim), np.float32)
-
-        def __sklearn_tags__(self):
-            tags = super().__sklearn_tags__()
-            tags.input_tags.two_d_array = False  # images, not a feature matrix
-            tags.input_tags.string = True  # file paths
-            tags.requires_fit = False
-            tags.transformer_tags.preserves_dtype = []
-            return tags
-
-    Embedder.__module__, Embedder.__qualname__ = __name__, "Embedder"  # picklable as featurize.api.Embedder
-    return Embedder
 
 
 # --------------------------------------------------------------------------- heads
@@ -488,13 +263,13 @@ class Head:
     def _features(self, images) -> np.ndarray:
         if isinstance(images, np.ndarray) and images.ndim == 2 and images.dtype.kind == "f":
             return images
-        items = _as_list(images)
+        items = as_list(images)
         from featurize import cache as fc
 
         info = fc.FeatureSpace(self.cache, self.meta["space_id"]).info()
         how = info.get("build", {})
-        with _python_errors():
-            model = _model(how.get("backbone", info["backbone"]), how.get("weights"), str(self.cache), "auto",
+        with python_errors():
+            model = model_for(how.get("backbone", info["backbone"]), how.get("weights"), str(self.cache), "auto",
                            info["precision"], "auto")
             if model.space.space_id != self.meta["space_id"]:
                 raise UserError(f"the weights of {info['backbone']} changed since {self.path} was fit "
@@ -528,10 +303,10 @@ class RunHead:
     def predict_proba(self, images) -> np.ndarray:
         from featurize.finetune import predict_run
 
-        paths = [os.fspath(p) for p in _as_list(images)]
+        paths = [os.fspath(p) for p in as_list(images)]
         if not all(isinstance(p, str) for p in paths):
             raise UserError("a fine-tuning run predicts image files; pass file paths")
-        with _python_errors():
+        with python_errors():
             probs, _, ok, errors = predict_run(self.path, paths, device=self.device)
         if errors:
             raise UserError(f"{len(errors)} image files could not be read ({errors[0][0]}: {errors[0][1]}); "

@@ -7,6 +7,9 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import re
+
 
 class UserError(Exception):
     """A problem the user can fix; the message names the problem and the fix.
@@ -22,3 +25,53 @@ class UserError(Exception):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C after the work done so far was saved; the message says what was kept and how to resume."""
+
+
+# --------------------------------------------------------------------------- wording for Python callers
+# Messages are written for the CLI (flags, commands in backticks); the Python API rewords them.
+
+_BOOL_FLAGS = {"trust", "wait", "train-bn", "no-progress", "json"}
+
+
+def _flag(m: re.Match) -> str:
+    name, value = m.group(1), m.group(2)
+    py = name.replace("-", "_")
+    if name in _BOOL_FLAGS:
+        return f"{py}=True"
+    return f"{py}={value.strip()}" if value else py
+
+
+def _call(m: re.Match) -> str:
+    """`` `fit --head logreg DATA` `` -> `` `featurize.fit('DATA', head='logreg')` ``."""
+    tokens, args, i = m.group(2).split(), [], 0
+    while i < len(tokens):
+        t = tokens[i]
+        if t.startswith("--"):
+            key = t[2:].replace("-", "_")
+            if t[2:] in _BOOL_FLAGS or i + 1 == len(tokens):
+                args.append(f"{key}=True")
+            else:
+                args.append(f"{key}={tokens[i + 1]!r}")
+                i += 1
+        else:
+            args.insert(sum(not a.count("=") for a in args), repr(t))
+        i += 1
+    return f"`featurize.{m.group(1)}({', '.join(args)})`"
+
+
+def python_wording(message: str) -> str:
+    """Reword a CLI-worded message for a Python caller: `` `extract DATA` `` -> ``featurize.extract('DATA')``,
+    ``--batch-size`` -> ``batch_size``, ``--weights PATH`` -> ``weights=PATH``, ``--trust`` -> ``trust=True``."""
+    message = re.sub(r"`(extract|fit)((?: [^`]+)?)`", _call, message)
+    parts = message.split("`")  # flags inside another command's backticks stay CLI flags
+    parts[::2] = [re.sub(r"--([a-z][a-z0-9-]*)( [A-Z][A-Z_]*\b)?", _flag, p) for p in parts[::2]]
+    return "`".join(parts)
+
+
+@contextlib.contextmanager
+def python_errors():
+    """Within the block, a ``UserError`` is re-raised worded for Python (:func:`python_wording`)."""
+    try:
+        yield
+    except UserError as e:
+        raise type(e)(python_wording(str(e)), e.details) from None

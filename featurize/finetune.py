@@ -545,15 +545,39 @@ def _checkpoint(out: Path, meta: dict, model: FinetuneModel, opt, epoch: int, im
         (out / name).unlink(missing_ok=True)
 
 
-def train(out: str | os.PathLike, log=None) -> dict:
-    """Train (or continue) the run in ``out`` to its end; return the JSON-able summary.
+@dataclass
+class _Session:
+    """One call of :func:`train`: the run's files and what was built from them."""
 
-    Resumes from the last complete epoch when the run has one. Prints one line per epoch
-    (loss, val accuracy, images/s, ETA) to ``log`` (stderr by default). Ctrl-C keeps the
-    last complete epoch and re-raises ``KeyboardInterrupt``.
-    """
-    log = log or sys.stderr
-    out = Path(out)
+    out: Path
+    meta: dict  # the run's featurize_run.json, updated and written at every checkpoint
+    plan: DataPlan
+    cfg: FinetuneConfig
+    bb: Backbone
+    model: FinetuneModel
+    device: torch.device
+    prec: str
+    dtype: torch.dtype
+    opt: torch.optim.Optimizer
+    scaler: object
+    workers: int
+    weight: torch.Tensor | None
+    steps_per_epoch: int
+    log: object
+    resumed_from: int
+    t_wall: float
+
+    def evaluate(self, rows) -> dict:
+        return evaluate(self.model, self.bb, self.plan.root, rows, self.device, self.dtype, 2 * self.cfg.batch_size,
+                        self.workers)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+
+def _open(out: Path, log) -> _Session:
+    """Read a run folder and build its model and optimizer at the last complete epoch (or the start)."""
     if not (out / RUN_META).is_file():
         raise UserError(f"{out} is not a fine-tuning run folder (no {RUN_META}); pass a runs/ft-NNN folder to --resume")
     meta = json.loads((out / RUN_META).read_text())
@@ -575,98 +599,100 @@ def train(out: str | os.PathLike, log=None) -> dict:
     opt = make_optimizer(model, cfg)
     if resumed_from >= 0:
         _load_optimizer(opt, {k: v.to(device) for k, v in sd.items()}, meta["optimizer_groups"])
-    workers = resolve_workers(cfg.workers)
-    scaler = torch.amp.GradScaler(device.type) if prec == "fp16" else None
     steps_per_epoch = math.ceil(len(plan.train) / cfg.batch_size)
     if cfg.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
-    total = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup * total))
     weight = class_weights(plan, cfg)
-    weight = weight.to(device) if weight is not None else None
-    if resumed_from >= 0:
-        print(f"resuming {out} after epoch {resumed_from}", file=log)
+    return _Session(out, meta, plan, cfg, bb, model, device, prec, dtype, opt,
+                    torch.amp.GradScaler(device.type) if prec == "fp16" else None,
+                    resolve_workers(cfg.workers),
+                    weight.to(device) if weight is not None else None, steps_per_epoch, log, resumed_from, t_wall)
 
-    if resumed_from < 0:  # epoch 0: the initial model (the probe), before any step
-        m = evaluate(model, bb, plan.root, plan.val, device, dtype, 2 * cfg.batch_size, workers)
-        meta["history"].append({"epoch": 0, "train_loss": None, "val_loss": m["loss"], "val_accuracy": m["accuracy"],
-                                "val_balanced_accuracy": m["balanced_accuracy"], "images_per_second": None,
-                                "seconds": 0.0})
-        meta["best"] = {"epoch": 0, "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
-                        "loss": m["loss"]}
-        if plan.test:
-            meta["test_epoch0"] = evaluate(model, bb, plan.root, plan.test, device, dtype, 2 * cfg.batch_size, workers)
-        print(f"epoch 0/{cfg.epochs}  ({cfg.init} init)  val_loss {m['loss']:.4f}  val_acc {m['accuracy']:.4f}",
-              file=log, flush=True)
-        _checkpoint(out, meta, model, opt, 0, True)
 
-    try:
-        for epoch in range(meta["epochs_done"] + 1, cfg.epochs + 1):
-            if meta["bad_epochs"] >= cfg.patience:  # also right after a resume of a stopped run
-                meta["early_stopped"] = True
-                print(f"early stop: no better val score for {cfg.patience} epochs", file=log)
-                break
-            t0 = time.perf_counter()
-            torch.manual_seed(cfg.seed * 1009 + epoch)  # dropout / stochastic depth, if any
-            set_train_mode(model, cfg.train_bn)
-            loss_sum, seen, step = 0.0, 0, (epoch - 1) * steps_per_epoch
-            loader = _train_loader(plan, bb, cfg, epoch, workers)
-            for i, batch in enumerate(loader):
-                if i >= steps_per_epoch:
-                    break
-                if batch is None or (cfg.train_bn and len(batch[1]) < 2):
-                    continue
-                images, y = batch
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * lr_factor(step + i, total, warmup)
-                x = bb.preprocess.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
-                loss = nn.functional.cross_entropy(model(x, dtype), y.to(device), weight=weight)
-                opt.zero_grad(set_to_none=True)
-                if scaler:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                loss_sum += float(loss.detach()) * len(y)
-                seen += len(y)
-            t_train = time.perf_counter() - t0
-            m = evaluate(model, bb, plan.root, plan.val, device, dtype, 2 * cfg.batch_size, workers)
-            secs = time.perf_counter() - t0
-            improved = _better(m, meta["best"], _score_key(cfg))
-            if improved:
-                meta["best"] = {"epoch": epoch, "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
-                                "loss": m["loss"]}
-                meta["bad_epochs"] = 0
-            else:
-                meta["bad_epochs"] += 1
-            row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_loss": m["loss"],
-                   "val_accuracy": m["accuracy"], "val_balanced_accuracy": m["balanced_accuracy"], "images_per_second": seen / t_train if t_train else None,
-                   "seconds": secs}
-            meta["history"].append(row)
-            meta["train_seconds"] += secs
-            done = [h["seconds"] for h in meta["history"] if h["epoch"] > 0]
-            eta = (sum(done) / len(done)) * (cfg.epochs - epoch)
-            print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  val_loss {m['loss']:.4f}  "
-                  f"val_acc {m['accuracy']:.4f}  val_bal_acc {m['balanced_accuracy']:.4f}{' *best' if improved else ''}  {row['images_per_second']:.1f} img/s  "
-                  f"{secs:.0f}s  ETA {_fmt_s(eta)}", file=log, flush=True)
-            _checkpoint(out, meta, model, opt, epoch, improved)
-    except KeyboardInterrupt:
-        raise Interrupted(f"Interrupted: epoch {meta['epochs_done']} is saved; resume with "
-                          f"`finetune --resume {out}`") from None
+def _best(epoch: int, m: dict) -> dict:
+    return {"epoch": epoch, "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"], "loss": m["loss"]}
 
+
+def _epoch0(s: _Session) -> None:
+    """Score the initial model (the probe) before any step; it is the first checkpoint candidate."""
+    m = s.evaluate(s.plan.val)
+    s.meta["history"].append({"epoch": 0, "train_loss": None, "val_loss": m["loss"], "val_accuracy": m["accuracy"],
+                              "val_balanced_accuracy": m["balanced_accuracy"], "images_per_second": None,
+                              "seconds": 0.0})
+    s.meta["best"] = _best(0, m)
+    if s.plan.test:
+        s.meta["test_epoch0"] = s.evaluate(s.plan.test)
+    print(f"epoch 0/{s.cfg.epochs}  ({s.cfg.init} init)  val_loss {m['loss']:.4f}  val_acc {m['accuracy']:.4f}",
+          file=s.log, flush=True)
+    _checkpoint(s.out, s.meta, s.model, s.opt, 0, True)
+
+
+def _train_epoch(s: _Session, epoch: int) -> tuple[float, int]:
+    """One pass over the training images (at most ``steps_per_epoch`` steps); returns (loss sum, images)."""
+    cfg, warmup = s.cfg, int(round(s.cfg.warmup * s.total_steps))
+    torch.manual_seed(cfg.seed * 1009 + epoch)  # dropout / stochastic depth, if any
+    set_train_mode(s.model, cfg.train_bn)
+    loss_sum, seen, step = 0.0, 0, (epoch - 1) * s.steps_per_epoch
+    for i, batch in enumerate(_train_loader(s.plan, s.bb, cfg, epoch, s.workers)):
+        if i >= s.steps_per_epoch:
+            break
+        if batch is None or (cfg.train_bn and len(batch[1]) < 2):
+            continue
+        images, y = batch
+        for g in s.opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(step + i, s.total_steps, warmup)
+        x = s.bb.preprocess.normalize(images.to(s.device)).contiguous(memory_format=torch.channels_last)
+        loss = nn.functional.cross_entropy(s.model(x, s.dtype), y.to(s.device), weight=s.weight)
+        s.opt.zero_grad(set_to_none=True)
+        if s.scaler:
+            s.scaler.scale(loss).backward()
+            s.scaler.step(s.opt)
+            s.scaler.update()
+        else:
+            loss.backward()
+            s.opt.step()
+        loss_sum += float(loss.detach()) * len(y)
+        seen += len(y)
+    return loss_sum, seen
+
+
+def _end_epoch(s: _Session, epoch: int, loss_sum: float, seen: int, t0: float, t_train: float) -> None:
+    """Validate, keep the best epoch, log one line, and checkpoint."""
+    meta, cfg = s.meta, s.cfg
+    m = s.evaluate(s.plan.val)
+    secs = time.perf_counter() - t0
+    improved = _better(m, meta["best"], _score_key(cfg))
+    if improved:
+        meta["best"], meta["bad_epochs"] = _best(epoch, m), 0
+    else:
+        meta["bad_epochs"] += 1
+    row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_loss": m["loss"],
+           "val_accuracy": m["accuracy"], "val_balanced_accuracy": m["balanced_accuracy"],
+           "images_per_second": seen / t_train if t_train else None, "seconds": secs}
+    meta["history"].append(row)
+    meta["train_seconds"] += secs
+    done = [h["seconds"] for h in meta["history"] if h["epoch"] > 0]
+    eta = (sum(done) / len(done)) * (cfg.epochs - epoch)
+    print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  val_loss {m['loss']:.4f}  "
+          f"val_acc {m['accuracy']:.4f}  val_bal_acc {m['balanced_accuracy']:.4f}{' *best' if improved else ''}  "
+          f"{row['images_per_second']:.1f} img/s  {secs:.0f}s  ETA {_fmt_s(eta)}", file=s.log, flush=True)
+    _checkpoint(s.out, meta, s.model, s.opt, epoch, improved)
+
+
+def _finish(s: _Session) -> dict:
+    """Score the kept model on the test split once, mark the run finished; return the summary."""
+    meta, cfg = s.meta, s.cfg
     best = meta["best"]
-    if plan.test:  # score the kept model on the test split once, at the end
-        model.backbone.load_state_dict(_load_tensors(out / meta["backbone_weights"]))
-        model.head.load_state_dict(_load_tensors(out / meta["classifier_weights"]))
-        meta["test_best"] = evaluate(model, bb, plan.root, plan.test, device, dtype, 2 * cfg.batch_size, workers)
+    if s.plan.test:
+        s.model.backbone.load_state_dict(_load_tensors(s.out / meta["backbone_weights"]))
+        s.model.head.load_state_dict(_load_tensors(s.out / meta["classifier_weights"]))
+        meta["test_best"] = s.evaluate(s.plan.test)
     meta["status"] = "finished"
     meta["finished_at"] = time.time()
-    _write_json(out / RUN_META, meta)
+    _write_json(s.out / RUN_META, meta)
     eps = [h["images_per_second"] for h in meta["history"] if h.get("images_per_second")]
     return {
-        "run": str(out), "base_backbone": meta["base_name"], "classes": meta["classes"], "init": cfg.init,
+        "run": str(s.out), "base_backbone": meta["base_name"], "classes": meta["classes"], "init": cfg.init,
         "unfreeze": meta["unfreeze_info"], "val_source": meta["val_source"], "n_train": meta["n_train"],
         "n_val": meta["n_val"], "n_test": meta["n_test"], "epochs_done": meta["epochs_done"],
         "best_epoch": best["epoch"], "best_val_accuracy": best["accuracy"],
@@ -676,11 +702,39 @@ def train(out: str | os.PathLike, log=None) -> dict:
         "test_balanced_accuracy_best": meta.get("test_best", {}).get("balanced_accuracy"),
         "test_balanced_accuracy_epoch0": meta.get("test_epoch0", {}).get("balanced_accuracy"),
         "class_weight": cfg.class_weight,
-        "history": meta["history"], "resumed_from_epoch": resumed_from if resumed_from >= 0 else None,
-        "train_seconds": round(meta["train_seconds"], 1), "wall_seconds_this_call": round(time.perf_counter() - t_wall, 1),
-        "images_per_second": round(float(np.mean(eps)), 1) if eps else None, "precision": prec, "device": str(device),
-        "early_stopped": bool(meta.get("early_stopped")),
+        "history": meta["history"], "resumed_from_epoch": s.resumed_from if s.resumed_from >= 0 else None,
+        "train_seconds": round(meta["train_seconds"], 1),
+        "wall_seconds_this_call": round(time.perf_counter() - s.t_wall, 1),
+        "images_per_second": round(float(np.mean(eps)), 1) if eps else None, "precision": s.prec,
+        "device": str(s.device), "early_stopped": bool(meta.get("early_stopped")),
     }
+
+
+def train(out: str | os.PathLike, log=None) -> dict:
+    """Train (or continue) the run in ``out`` to its end; return the JSON-able summary.
+
+    Resumes from the last complete epoch when the run has one. Prints one line per epoch
+    (loss, val accuracy, images/s, ETA) to ``log`` (stderr by default). Ctrl-C keeps the
+    last complete epoch and raises ``featurize.errors.Interrupted`` saying how to resume.
+    """
+    s = _open(Path(out), log or sys.stderr)
+    if s.resumed_from >= 0:
+        print(f"resuming {s.out} after epoch {s.resumed_from}", file=s.log)
+    else:
+        _epoch0(s)
+    try:
+        for epoch in range(s.meta["epochs_done"] + 1, s.cfg.epochs + 1):
+            if s.meta["bad_epochs"] >= s.cfg.patience:  # also right after a resume of a stopped run
+                s.meta["early_stopped"] = True
+                print(f"early stop: no better val score for {s.cfg.patience} epochs", file=s.log)
+                break
+            t0 = time.perf_counter()
+            loss_sum, seen = _train_epoch(s, epoch)
+            _end_epoch(s, epoch, loss_sum, seen, t0, time.perf_counter() - t0)
+    except KeyboardInterrupt:
+        raise Interrupted(f"Interrupted: epoch {s.meta['epochs_done']} is saved; resume with "
+                          f"`finetune --resume {s.out}`") from None
+    return _finish(s)
 
 
 # --------------------------------------------------------------------------- predict

