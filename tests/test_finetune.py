@@ -263,6 +263,11 @@ def test_cli_finetune_predict_and_errors(env, tmp_path, capsys):
     img = os.path.join(env["index"].root, env["paths"][0])
     p = run_cli("predict", img, "--model", out, "--json", env=e, check=0)
     assert last_json(p)["predictions"][0]["label"] in ("a", "b", "c")
+    import featurize as fz  # the Python API loads a run folder as a classifier too
+
+    run_head = fz.load_head(out)
+    assert list(run_head.predict([img])) == [last_json(p)["predictions"][0]["label"]]
+    assert "using fine-tuning run" in p.stderr
     # bad inputs: the same CLI in-process (main() returns the exit code); no probe names the command to run
     from heads.store import save_head
 
