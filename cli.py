@@ -43,6 +43,13 @@ def add_extract(sub) -> None:
     p.add_argument("--engine", default="auto", help="auto|torch|openvino")
     p.add_argument("--wait", action="store_true", help="wait for another extract on the same folder instead of failing")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="decode and embed on Ray Data: alone, a local runtime on all cores; auto: the cluster "
+                   "`ray start` runs here; or a cluster address (ray://head:10001). Needs the ray extra")
+    p.add_argument("--workers-per-node", type=int, default=None,
+                   help="with --ray: model workers per node (default: one per GPU share, 1 on CPU nodes)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="with --ray: GPUs per model worker, 0 for CPU workers (default: 1 when the cluster has GPUs)")
     _common(p)
     p.set_defaults(func=cmd_extract)
 
@@ -55,6 +62,7 @@ def cmd_extract(args) -> dict:
         args.data, cache_dir=_cache(args), backbone=args.backbone, weights=args.weights,
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
         engine=args.engine, wait=args.wait, progress=not args.no_progress and not args.json,
+        ray=args.ray, workers_per_node=args.workers_per_node, gpus_per_worker=args.gpus_per_worker,
     )
     summary = account_process(summary, started)
     print(format_summary(summary))

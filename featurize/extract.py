@@ -168,7 +168,8 @@ def _remember_engine(key: dict, engine: str, ex) -> None:
 
 def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights: str | None = None,
             batch_size: int = 32, workers: int | None = None, device: str = "auto", precision: str = "auto",
-            engine: str = "auto", wait: bool = False, progress: bool = True) -> dict:
+            engine: str = "auto", wait: bool = False, progress: bool = True, ray: str | None = None,
+            workers_per_node: int | None = None, gpus_per_worker: float | None = None) -> dict:
     """Embed every new or changed image of ``data`` into the cache and update its index.
 
     Returns a JSON-able summary (counts, per-stage seconds, cache paths). Raises
@@ -176,6 +177,9 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
     problems are recorded in the index and counted, never raised. On Ctrl-C the work done
     is saved and ``featurize.errors.Interrupted`` (a ``KeyboardInterrupt``) is raised; its
     message says what was saved and how to resume (the CLI prints it as one line).
+
+    ``ray`` (``local``, ``auto`` or a cluster address) runs the reader -> model stage on Ray
+    Data (``featurize.distributed``); everything else is the same code.
     """
     t_start = time.perf_counter()
     cache_dir = fc.default_cache_dir() if cache_dir is None else cache_dir
@@ -183,6 +187,11 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
     check_batch_size(batch_size)
     resolve_workers(workers)  # checked before any work
     check_engine(engine)
+    rp = None
+    if ray is not None:  # Ray is imported only when there is something to embed
+        from featurize.distributed import RayPipeline
+
+        rp = RayPipeline(ray, workers_per_node, gpus_per_worker)
     # wall-clock stages; they do not overlap, so with "other" they add up to the call's wall time
     seconds = dict.fromkeys(STAGES, 0.0)
     t = time.perf_counter()
@@ -202,9 +211,9 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         hashes, statuses, n_hashed = _hash_entries(sc.root, sc.entries, old)
         seconds["hash"] = time.perf_counter() - t
 
-        key = request_key(backbone, weights, device, precision)
+        key = request_key(backbone, weights, rp.key_device() if rp else device, precision)
         # the engine store knows requests run before on this machine, in any cache: no torch needed
-        lean = fastpath.lean_extractor(cache_dir, key, engine)
+        lean = None if rp else fastpath.lean_extractor(cache_dir, key, engine)
         sid = lean.space.space_id if lean else _known_space(old, key, cache_dir)
         ex = None
         todo = _plan(fc.FeatureSpace(cache_dir, sid), sc.root, sc.entries, hashes, statuses) if sid else None
@@ -225,7 +234,8 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
                 from featurize.pipeline import build_extractor, run_pipeline, tune_allocator
 
                 tune_allocator()
-                ex = build_extractor(cache_dir, backbone, weights, device, precision, engine)
+                ex = (rp.build_extractor if rp else build_extractor)(cache_dir, backbone, weights, device, precision,
+                                                                     engine)
             except KeyboardInterrupt:
                 raise Interrupted("Interrupted while loading the model, before any image was embedded; "
                                   "re-run the same command.") from None
@@ -254,7 +264,7 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
             else resolve_workers(workers)
         pipe_s = 0.0  # decode -> model -> write wall time (the model already loaded)
         if todo:
-            run = fastpath.run_lean if lean else run_pipeline
+            run = fastpath.run_lean if lean else rp.run if rp else run_pipeline
             t, load_before = time.perf_counter(), seconds["load_model"]
             written, interrupted = run(lean or ex, todo, batch_size, n_workers, seconds, progress, failed.__setitem__)
             pipe_s = time.perf_counter() - t - (seconds["load_model"] - load_before)
@@ -264,6 +274,8 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
                     statuses[i] = f"error: {failed[h]}"
                 elif h and h.encode() in known:
                     statuses[i] = fc.STATUS_OK
+        if rp:
+            rp.close()
         n_ok = sum(s == fc.STATUS_OK for s in statuses)
         n_err = sum(s.startswith("error") for s in statuses)
         run = dict(index.extractions.get(sid, {}))
@@ -272,7 +284,10 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         elif ex is not None:
             run.update(backbone=ex.backbone.name, precision=ex.precision, device=str(ex.device),
                        engine=getattr(ex.engine, "name", "torch"), dim=ex.backbone.dim)
-            _remember_engine(key, engine, ex)
+            if rp:  # the workers' device; how many nodes and workers
+                run.update(device=ex.engine.device or run["device"], ray=rp.info)
+            else:
+                _remember_engine(key, engine, ex)
         if written:  # what embedding this dataset cost, summed over runs (compare shows it beside accuracy)
             run["embedded_total"] = run.get("embedded_total", 0) + written
             run["embed_seconds_total"] = round(run.get("embed_seconds_total", 0.0) + pipe_s, 3)
@@ -312,6 +327,8 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         "images_per_second": round(written / pipeline_s, 1) if written and pipeline_s > 0 else None,
         "index_file": str(ipath), "features_dir": str(space.folder), "interrupted": interrupted,
     }
+    if rp and rp.info:  # Ray was used (not on a re-run with nothing new)
+        summary["ray"] = rp.info
     if interrupted:
         raise Interrupted(f"Interrupted: {written} images embedded and saved, {summary['pending']} still pending; "
                           "re-run the same command to resume.")

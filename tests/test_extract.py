@@ -319,11 +319,12 @@ def test_ctrl_c_saves_work_and_exits_with_one_line(tmp_path):
 def test_rerun_with_nothing_new_never_imports_torch(dataset, cache):
     code = ("import sys; from featurize.extract import extract; "
             "s = extract(sys.argv[1], sys.argv[2], backbone='tiny', precision='fp32', workers=0, progress=False); "
-            "print(s['embedded'], s['ok'], s['space_id'], 'torch' in sys.modules)")
+            "print(s['embedded'], s['ok'], s['space_id'], 'torch' in sys.modules, 'ray' in sys.modules)")
 
     def run(folder=dataset):
         out = subprocess.run([sys.executable, "-c", code, str(folder), str(cache)], capture_output=True, text=True,
                              cwd=ROOT, check=True).stdout.split()
+        assert out[4] == "False"  # Ray is imported only by --ray
         return int(out[0]), int(out[1]), out[2], out[3] == "True"
 
     first = run()

@@ -1,0 +1,330 @@
+"""Extraction on a Ray cluster: the reader -> model stage runs on Ray Data, the rest stays local.
+
+The driver (the ``extract`` process) scans, hashes, plans and writes exactly as a local run
+(``featurize.extract``); only the images still to embed go through Ray Data:
+
+    paths (driver) -> decode + resize tasks (any node) -> actor pool, one engine per actor
+    (GPUs when asked) -> vectors streamed back -> the driver's ``ShardWriter`` -> index
+
+Why vectors come back to the driver instead of each worker writing shards on shared storage:
+the crash story stays the local one (only the driver writes; a ``kill -9`` of it loses at most
+the shard being filled, the next run deletes its temp files and re-embeds the rest), the cache
+needs to be reachable by the driver only, and one writer is not the limit: it takes about
+30,000 vectors/s at D = 1,280 (``benchmarks/RESULTS_scale.md``), the output of some fifteen
+GPUs at 2,000 img/s each. Past that, workers could write their own shards (the cache's shard
+names are unique per writer and need no coordination); not needed yet.
+
+Workers use the same backbone, preprocessing and engines as a local run (an actor refuses
+to start if its feature-space id differs from the driver's), so the vectors land in the same
+feature space. Ray Data retries a task whose worker died and restarts a dead actor; a batch is
+handed to the driver only once it is complete, so every row is written exactly once.
+
+Ray is imported only here, and this module only with ``extract --ray``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+from featurize import cache as fc
+from featurize.errors import UserError
+
+#: the distribution's name on PyPI, ``[project] name`` in pyproject.toml (a test keeps the two equal)
+DISTRIBUTION = "featurize"
+
+
+def install_hint() -> str:
+    """The command that installs Ray Data with featurize (the ``ray`` extra)."""
+    return f'pip install "{DISTRIBUTION}[ray]"'
+
+
+def _have_ray() -> bool:
+    try:  # without importing it (2 s): a re-run with nothing new never starts Ray
+        return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.data") is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+        return False
+
+
+class WorkerCannotRead(RuntimeError):
+    """A worker cannot see the dataset folder (not on shared storage at the same path)."""
+
+
+class RayPipeline:
+    """``extract --ray``: connects to Ray when there is work and runs reader -> model on it.
+
+    ``address`` is ``local`` (start a runtime on this machine with all its cores), ``auto``
+    (join the cluster ``ray start`` runs here) or a cluster address (``ray://head:10001``,
+    ``head:6379``). Nothing connects until :meth:`build_extractor` is called.
+    """
+
+    def __init__(self, address: str, workers_per_node: int | None = None, gpus_per_worker: float | None = None):
+        if not _have_ray():
+            raise UserError(f"--ray needs Ray Data, which is not installed; `{install_hint()}`")
+        if workers_per_node is not None and workers_per_node < 1:
+            raise UserError("--workers-per-node must be >= 1")
+        if gpus_per_worker is not None and gpus_per_worker < 0:
+            raise UserError("--gpus-per-worker must be >= 0 (0: CPU workers; 0.5: two workers share a GPU)")
+        self.address, self.workers_per_node, self.gpus_per_worker = address or "local", workers_per_node, gpus_per_worker
+        self._started = False  # this process called ray.init (so it disconnects at the end)
+        self.info: dict = {}
+
+    # -- what identifies the request before connecting (so a cache-hit re-run never starts Ray)
+
+    def key_device(self) -> str:
+        gpus = "" if self.gpus_per_worker is None else f":{self.gpus_per_worker:g}gpu"
+        return f"ray{gpus}"
+
+    # -- connect, size the pool, resolve the workers' device and precision
+
+    def connect(self) -> None:
+        import ray
+
+        t = time.perf_counter()
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        if not ray.is_initialized():
+            kw = dict(log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
+            try:
+                if self.address == "local":
+                    ray.init(address="local", **kw)
+                else:
+                    kw.pop("include_dashboard")  # only for a runtime this process starts
+                    ray.init(address=self.address, **kw)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise UserError(f"cannot connect to the Ray cluster at {self.address!r} ({str(e).splitlines()[0]}); "
+                                "start it with `ray start --head` on the head node, or use --ray alone for a "
+                                "local runtime") from None
+            self._started = True
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # featurize's own bar counts images
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled" and the like
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        total_gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+        gpus = self.gpus_per_worker if self.gpus_per_worker is not None else (1.0 if total_gpus else 0.0)
+        actors = 0
+        for n in nodes:
+            res = n["Resources"]
+            if gpus:
+                fit = int(res.get("GPU", 0) // gpus)
+                actors += min(fit, self.workers_per_node or fit)
+            elif res.get("CPU", 0) >= 1:
+                actors += self.workers_per_node or 1
+        if actors == 0:
+            raise UserError(f"no node of the Ray cluster has {gpus:g} GPU(s) for a worker "
+                            f"(cluster GPUs: {total_gpus:g}); use --gpus-per-worker 0 for CPU workers")
+        self.gpus, self.actors = gpus, actors
+        self.info = {"address": self.address, "nodes": len(nodes), "workers": actors, "gpus_per_worker": gpus,
+                     "connect_seconds": round(time.perf_counter() - t, 3)}
+
+    def resolve(self, device: str, precision: str) -> tuple[str, str]:
+        """The device and precision the workers run (the precision is part of the feature space)."""
+        if self.gpus:
+            if device not in ("auto", "cuda"):
+                raise UserError(f"--device {device} with GPU workers; use --device auto or --gpus-per-worker 0")
+            if precision == "auto":  # ask a GPU worker: bf16 where the GPU has it, else fp16
+                import ray
+
+                precision = ray.get(ray.remote(num_gpus=self.gpus, num_cpus=0)(_worker_precision).remote())
+            return "cuda", precision
+        if device not in ("auto", "cpu"):
+            raise UserError(f"--device {device} with CPU workers; pass --gpus-per-worker to use GPUs")
+        return "cpu", precision  # auto: resolved on the driver's CPU, forced on every worker
+
+    def build_extractor(self, cache_dir, backbone: str, weights: str | None, device: str, precision: str,
+                        engine: str):
+        """Connect, then build the backbone here only for its feature space (the engine runs on workers)."""
+        import torch
+
+        from featurize.backbones import get_backbone, resolve_precision
+        from featurize.pipeline import Extractor
+
+        self.connect()
+        device, precision = self.resolve(device, precision)
+        if device == "cpu":
+            precision = resolve_precision(precision, torch.device("cpu"))
+        elif precision not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+        bb = get_backbone(backbone, weights=weights)
+        config = bb.space_config(precision)
+        space = fc.FeatureSpace(cache_dir, fc.space_id_for(config))
+        build = {"backbone": backbone if not os.path.isdir(backbone) else os.path.realpath(backbone),
+                 "weights": os.path.realpath(weights) if weights else None}
+        space.create({**config, "build": build, "dim": bb.dim}, bb.dim)
+        self.spec = {"backbone": build["backbone"], "weights": build["weights"], "device": device,
+                     "precision": precision, "engine": engine, "cache_dir": os.path.abspath(cache_dir),
+                     "space_id": space.space_id, "dim": bb.dim}
+        return Extractor(bb, _WorkerEngine(engine), torch.device(device), precision, space, build)
+
+    def close(self) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+
+    # -- the run: same contract as featurize.pipeline.run_pipeline
+
+    def run(self, ex, todo: list[tuple[str, str]], batch_size: int, workers: int, seconds: dict, progress: bool,
+            on_error) -> tuple[int, bool]:
+        """Embed ``todo`` [(hash, abspath)] on the cluster; return (rows written, interrupted)."""
+        import pyarrow as pa
+        import ray.data
+
+        writer = fc.ShardWriter(ex.space)
+        bar = None
+        if progress and todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), unit="img", desc="extract (ray)", dynamic_ncols=True, file=sys.stderr,
+                       disable=None)
+        table = pa.table({"i": np.arange(len(todo), dtype=np.int64), "path": [p for _, p in todo]})
+        # blocks of a few batches: enough decode tasks to keep every actor fed, few enough to schedule cheaply
+        per_block = max(batch_size, min(32 * batch_size, math.ceil(len(todo) / (4 * self.actors))))
+        ds = ray.data.from_arrow([table.slice(o, per_block) for o in range(0, len(todo), per_block)])
+        # decode runs in tasks of their own on every free core of every node. Declaring their memory (a
+        # decoded batch plus the files) also keeps Ray Data from fusing them into the model actors (it
+        # fuses stages with equal resource requests), where decoding would wait for the model.
+        crop = ex.backbone.preprocess.crop
+        ds = ds.map_batches(_decode, fn_kwargs={"preprocess": ex.backbone.preprocess}, batch_size=batch_size,
+                            batch_format="numpy", num_cpus=1, memory=batch_size * (3 * crop * crop + (1 << 20)))
+        # CPU actors run two batches in flight (OpenVINO's two streams); the decode tasks share the cores
+        per_call = batch_size if self.gpus else 2 * batch_size
+        ds = ds.map_batches(_Embedder, fn_constructor_kwargs={"spec": self.spec}, batch_size=per_call,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.actors),
+                            num_gpus=self.gpus or None, num_cpus=1)
+        interrupted, t0, nodes = False, time.perf_counter(), set()
+        try:
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                ok = b["error"] == ""
+                for i, reason in zip(b["i"][~ok], b["error"][~ok]):
+                    on_error(todo[int(i)][0], str(reason))
+                if ok.any():
+                    writer.add([todo[int(i)][0] for i in b["i"][ok]], b["emb"][ok])
+                seconds["decode"] = seconds.get("decode", 0.0) + float(b["decode_s"].sum())
+                seconds["model"] = seconds.get("model", 0.0) + float(b["model_s"].sum())
+                ex.engine.name, ex.engine.device = str(b["engine"][0]), str(b["device"][0])
+                nodes.update(b["node"].tolist())
+                if bar:
+                    bar.update(len(b["i"]))
+        except KeyboardInterrupt:
+            interrupted = True
+        except Exception as e:
+            cause = _worker_cannot_read(e)
+            if cause:
+                raise UserError(f"{cause}; images (and --weights) must be on storage every node mounts at the "
+                                "same path (NFS, a shared volume), see the README") from None
+            raise
+        finally:
+            writer.flush()  # what came back is kept, even on Ctrl-C or a failed run
+            seconds["write"] = seconds.get("write", 0.0) + writer.seconds
+            if bar:
+                bar.close()
+            self.info.update(run_seconds=round(time.perf_counter() - t0, 3), nodes_used=len(nodes))
+            self.close()
+        return writer.rows_written, interrupted
+
+
+class _WorkerEngine:
+    """Stands in for the engine on the driver: its name and device are the workers' (set as batches arrive)."""
+
+    def __init__(self, asked: str):
+        self.name, self.device = asked, None
+
+
+def _worker_cannot_read(e: BaseException) -> str | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, WorkerCannotRead):
+            return str(e)
+        text = str(e)
+        if "WorkerCannotRead" in text:  # Ray wraps user exceptions; the message survives
+            line = next((ln for ln in text.splitlines() if "WorkerCannotRead:" in ln), "")
+            return line.split("WorkerCannotRead:", 1)[1].strip() or "a Ray worker cannot read the images"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _worker_precision() -> str:
+    from featurize.backbones import resolve_device, resolve_precision
+
+    return resolve_precision("auto", resolve_device("auto"))
+
+
+def _decode(batch: dict, preprocess) -> dict:
+    """A Ray task: read + decode + resize a batch of files (the local reader's code, per file)."""
+    import torch
+
+    from featurize.pipeline import ImageReader
+
+    torch.set_num_threads(1)
+    paths = [str(p) for p in batch["path"]]
+    reader = ImageReader(paths, preprocess)
+    imgs = np.zeros((len(paths), 3, preprocess.crop, preprocess.crop), np.uint8)
+    errors, decode_s = [], np.zeros(len(paths))
+    for k in range(len(paths)):
+        _, img, err, decode_s[k] = reader[k]
+        if img is None and not os.path.isdir(os.path.dirname(paths[k])):
+            raise WorkerCannotRead(f"Ray worker on {socket.gethostname()} cannot read {os.path.dirname(paths[k])}")
+        if img is not None:
+            imgs[k] = img.numpy()
+        errors.append(err)
+    return {"i": batch["i"], "img": imgs, "error": np.array(errors, dtype=object), "decode_s": decode_s}
+
+
+class _Embedder:
+    """A Ray actor: one backbone + engine, built once, embedding decoded batches."""
+
+    def __init__(self, spec: dict):
+        import torch
+
+        from featurize.backbones import get_backbone, resolve_device
+        from featurize.engines import cpu_cores, make_engine
+        from featurize.pipeline import tune_allocator
+
+        tune_allocator()
+        bb = get_backbone(spec["backbone"], weights=spec["weights"])
+        sid = fc.space_id_for(bb.space_config(spec["precision"]))
+        if sid != spec["space_id"]:
+            raise RuntimeError(f"the Ray worker on {socket.gethostname()} builds feature space {sid}, the driver "
+                               f"{spec['space_id']}: install the same featurize, backbone weights and library "
+                               "versions on every node")
+        dev = resolve_device(spec["device"])
+        if dev.type == "cpu":
+            torch.set_num_threads(cpu_cores())  # Ray sets 1 thread per reserved CPU; the engine owns the node
+        # the converted OpenVINO model is kept in the cache when this node sees it, else converted here
+        cache_dir = spec["cache_dir"] if os.access(spec["cache_dir"], os.W_OK) else None
+        self.engine = make_engine(bb, dev, spec["precision"], spec["engine"], cache_dir=cache_dir, space_id=sid)
+        self.dim, self.dev = spec["dim"], str(dev)
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        n = len(batch["i"])
+        ok = np.flatnonzero(batch["error"] == "")
+        emb = np.zeros((n, self.dim), np.float32)
+        t = time.perf_counter()
+        if len(ok):
+            imgs = torch.from_numpy(np.ascontiguousarray(batch["img"][ok]))
+            streams = max(1, getattr(self.engine, "in_flight", 1))
+            step = math.ceil(len(ok) / streams)
+            parts = [(k, imgs[k:k + step]) for k in range(0, len(ok), step)]
+            for k, out in self.engine.map(parts):
+                emb[ok[k:k + len(out)]] = out
+        model_s = time.perf_counter() - t
+        return {"i": batch["i"], "emb": emb, "error": batch["error"], "decode_s": batch["decode_s"],
+                "model_s": np.full(n, model_s / max(n, 1)), "engine": np.array([self.engine.name] * n, dtype=object),
+                "device": np.array([self.dev] * n, dtype=object), "node": np.array([self.node] * n, dtype=object)}

@@ -1,0 +1,161 @@
+"""``extract --ray`` on a real Ray runtime: same rows and vectors as a local run, and its faults.
+
+One local runtime (``ray.init`` with 2 CPUs) serves the whole module: Ray starts slowly on
+2 cores. CLI runs join it by address, as ``--ray ADDRESS`` joins a cluster. The 2-node
+cluster test is in ``test_distributed_cluster.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_dataset, run_cli
+from featurize import cache as fc
+from featurize.extract import extract
+
+ray = pytest.importorskip("ray")
+
+FAST = dict(backbone="tiny", precision="fp32", workers=0, progress=False, batch_size=4)
+CLI = ["--backbone", "tiny", "--precision", "fp32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def address():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def vectors(cache, data):
+    _, idx = fc.find_index(cache, data)
+    X, _, _, paths = fc.load_features(cache, idx, fc.resolve_space(cache, idx))
+    return dict(zip(paths, X)), idx
+
+
+def disk_rows(cache) -> list[bytes]:
+    rows = []
+    for p in Path(cache, "features").glob("*/*.h5"):
+        with h5py.File(p, "r") as f:
+            rows += f["hash"][()].tolist()
+    return rows
+
+
+def assert_same_as_local(cache, local_cache, data):
+    got, idx = vectors(cache, data)
+    want, want_idx = vectors(local_cache, data)
+    for k in fc.INDEX_FIELDS:  # the index is identical: paths, labels, hashes, statuses and reasons
+        assert getattr(idx, k) == getattr(want_idx, k), k
+    assert sorted(got) == sorted(want)
+    for k in want:  # the same engine and preprocessing: the same feature space
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    d = make_dataset(root / "data", classes=("a", "b", "c"), per_class=14)
+    (d / "a" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    good = (d / "b" / "0.jpg").read_bytes()
+    (d / "b" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    local = root / "local"
+    extract(d, local, **FAST)
+    return d, local
+
+
+def test_ray_run_matches_local_run_and_records_bad_files(address, data, tmp_path):
+    d, local = data
+    s = extract(d, tmp_path / "c", ray=address, **FAST)
+    assert (s["embedded"], s["ok"], s["failed"]) == (42, 42, 2)
+    assert s["ray"]["workers"] == 1 and s["engine"] == "torch" and s["device"] == "cpu"
+    reasons = {e["path"]: e["reason"] for e in s["errors"]}
+    assert "not an image" in reasons["a/corrupt.jpg"] and "truncated" in reasons["b/truncated.jpg"]
+    assert_same_as_local(tmp_path / "c", local, d)
+    again = extract(d, tmp_path / "c", ray=address, **FAST)  # nothing new: known space, Ray not used
+    assert again["embedded"] == 0 and "ray" not in again
+
+
+def test_kill9_of_the_driver_then_rerun_matches_a_clean_run(address, data, tmp_path):
+    d, local = data
+    cache = tmp_path / "c"
+    env = {"FEATURIZE_FAULT": "shard_written:2", "FEATURIZE_SHARD_ROWS": "8"}
+    p = run_cli("extract", d, *CLI, "--batch-size", "4", "--cache", cache, "--ray", address, env=env)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    saved = len(disk_rows(cache))
+    assert 0 < saved < 42
+    s = extract(d, cache, ray=address, **FAST)  # the rerun (in this process: its Ray workers are warm)
+    assert s["embedded"] == 42 - saved
+    assert_same_as_local(cache, local, d)
+    rows = disk_rows(cache)
+    assert len(rows) == len(set(rows)) == 42  # none lost, none written twice
+
+
+def _model_workers() -> list[int]:
+    """Pids of Ray's actor processes that run the model (their title names the class)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::") and "_Embedder" in title:
+            pids.append(int(pid))
+    return pids
+
+
+def test_a_worker_killed_mid_run_is_retried_and_every_row_written_once(address, tmp_path, monkeypatch):
+    d = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=40)
+    cache = tmp_path / "c"
+    monkeypatch.setenv("FEATURIZE_SHARD_ROWS", "4")
+    result = {}
+    run = threading.Thread(target=lambda: result.update(extract(d, cache, ray=address, **{**FAST, "batch_size": 2})))
+    run.start()
+    killed, deadline = None, time.time() + 120
+    while killed is None and time.time() < deadline and run.is_alive():
+        pids = _model_workers()
+        if pids and disk_rows(cache):  # the model runs and rows are coming back: kill it mid-run
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.02)
+    run.join(180)
+    assert killed, "no model worker was seen running"
+    assert result["embedded"] == result["ok"] == 80, result
+    rows = disk_rows(cache)
+    assert len(rows) == len(set(rows)) == 80  # Ray retried the lost batches; each row written once
+    assert len(vectors(cache, d)[0]) == 80
+
+
+def test_without_ray_the_error_names_the_extra(data, tmp_path, monkeypatch):
+    from featurize.distributed import install_hint
+    from featurize.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(UserError, match=r'--ray needs Ray Data.*pip install "[\w.-]+\[ray\]"'):
+        extract(data[0], tmp_path / "c", ray="local", **FAST)
+    pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib is 3.11+)
+    name = re.search(r'^\[project\]\nname = "([^"]+)"', pyproject, re.M).group(1)
+    assert install_hint() == f'pip install "{name}[ray]"' and re.search(r"^ray = \[", pyproject, re.M)
+
+
+def test_a_worker_that_cannot_see_the_folder_says_so(address, tmp_path):
+    from featurize.distributed import WorkerCannotRead, _decode, _worker_cannot_read
+    from featurize.images import Preprocess
+
+    pp = Preprocess(8, 8, (0.5,) * 3, (0.5,) * 3)
+    batch = {"i": np.arange(1), "path": np.array([str(tmp_path / "not-mounted" / "a.jpg")], dtype=object)}
+    with pytest.raises(WorkerCannotRead, match="cannot read .*not-mounted"):
+        _decode(batch, pp)
+    with pytest.raises(Exception) as info:  # as the driver sees it: wrapped by Ray
+        ray.get(ray.remote(num_cpus=0)(_decode).remote(batch, pp))
+    assert "cannot read" in _worker_cannot_read(info.value) and "not-mounted" in _worker_cannot_read(info.value)
