@@ -53,6 +53,9 @@ def _have_ray() -> bool:
         return False
 
 
+ACTOR_START_TIMEOUT_S = 600  # loading a backbone on a busy node, or a cluster still adding nodes
+
+
 class WorkerCannotRead(RuntimeError):
     """A worker cannot see the dataset folder (not on shared storage at the same path)."""
 
@@ -107,6 +110,9 @@ class RayPipeline:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # featurize's own bar counts images
         ctx.print_on_execution_start = False
+        # start every model worker before feeding any (else the first one up takes the whole of a small run,
+        # and a cluster that cannot place them all says so instead of running short-handed)
+        ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled" and the like
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         total_gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
@@ -197,10 +203,11 @@ class RayPipeline:
         crop = ex.backbone.preprocess.crop
         ds = ds.map_batches(_decode, fn_kwargs={"preprocess": ex.backbone.preprocess}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=1, memory=batch_size * (3 * crop * crop + (1 << 20)))
-        # CPU actors run two batches in flight (OpenVINO's two streams); the decode tasks share the cores
+        # CPU actors run two batches in flight (OpenVINO's two streams); the decode tasks share the cores.
+        # Two calls queued per actor hide the hand-over without letting the first actor up take a small run.
         per_call = batch_size if self.gpus else 2 * batch_size
         ds = ds.map_batches(_Embedder, fn_constructor_kwargs={"spec": self.spec}, batch_size=per_call,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.actors),
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.actors, max_tasks_in_flight_per_actor=2),
                             num_gpus=self.gpus or None, num_cpus=1)
         interrupted, t0, nodes = False, time.perf_counter(), set()
         try:
@@ -219,6 +226,9 @@ class RayPipeline:
         except KeyboardInterrupt:
             interrupted = True
         except Exception as e:
+            if type(e).__name__ == "GetTimeoutError" and "starting actors" in str(e):
+                raise UserError(f"the Ray cluster did not start {self.actors} model workers within "
+                                f"{ACTOR_START_TIMEOUT_S} s; lower --workers-per-node or --gpus-per-worker") from None
             cause = _worker_cannot_read(e)
             if cause:
                 raise UserError(f"{cause}; images (and --weights) must be on storage every node mounts at the "

@@ -53,6 +53,11 @@ def fit_head(cache_dir, head="logreg", data=None, backbone=None, out=None, class
     check_eval_options(folds, seed, n_jobs)
     if out:
         check_out_file(out)
+    if head == "sgd":  # out of core: streams the shards, never loads the features
+        if exclude:
+            raise UserError("--exclude is not supported with --head sgd (it streams the shards); "
+                            "use another head, or move the excluded images out of the folder and re-run `extract`")
+        return _fit_sgd(cache_dir, data, backbone, out, class_weight, seed, folds)
     t0 = time.perf_counter()
     lf = load_labelled(cache_dir, data, backbone)
     load_s = time.perf_counter() - t0
@@ -84,6 +89,34 @@ def fit_head(cache_dir, head="logreg", data=None, backbone=None, out=None, class
                       excluded["note"] if excluded else None)
 
 
+def _fit_sgd(cache_dir, data, backbone, out, class_weight, seed, folds) -> FitOutcome:
+    """``fit --head sgd``: :mod:`heads.outofcore` streams the shards; saved and reported like any head."""
+    from heads.outofcore import HOLDOUT_FRACTION, fit_sgd_from_cache
+
+    r = fit_sgd_from_cache(cache_dir, data, backbone, class_weight=class_weight, seed=seed,
+                           log=lambda s: print(s, file=sys.stderr))
+    plan, info = r["plan"], r["info"]
+    protocol = "split" if (plan.part >= 2).any() and not (plan.part == 4).any() else f"holdout-{HOLDOUT_FRACTION:g}"
+    space_info = plan.space.info()
+    backbone_name = space_info.get("backbone", plan.space.space_id)
+    path = Path(out) if out else head_path(cache_dir, plan.index_path, plan.space.space_id, "sgd")
+    timings = {"load_s": round(r["load_s"], 3), "fit_s": round(r["fit_s"], 3), "eval_s": round(r["eval_s"], 3)}
+    meta = {
+        "head": "sgd", "resolved": "sgd", "class_weight": class_weight, "seed": seed, "folds": folds,
+        "protocol": protocol, "dataset": plan.root, "index_path": str(plan.index_path), "layout": plan.layout,
+        "space_id": plan.space.space_id, "backbone": backbone_name, "dim": int(space_info.get("dim", 0)),
+        "preprocess": space_info.get("preprocess"), "classes": plan.classes, "n_images": int(len(plan.y)),
+        "metrics": r["metrics"], "best_params": info["best_params"], "timings": timings, "errors": r["errors"],
+        "out_of_core": {k: info[k] for k in ("n_train", "n_tune", "tune_log_loss", "epochs_run")},
+    }
+    saved = save_head(path, r["estimator"], meta)
+    summary = {"head": "sgd", "resolved": "sgd", "dataset": plan.root, "backbone": backbone_name,
+               "space_id": plan.space.space_id, "protocol": protocol, "classes": plan.classes, "metrics": r["metrics"],
+               "best_params": info["best_params"], "timings": timings, "out_of_core": meta["out_of_core"],
+               "paths": {"model": saved["path"], "meta": saved["meta_path"]}, "sha256": saved["sha256"]}
+    return FitOutcome(summary, plan.root, int(len(plan.y)), r["fit_s"], r["eval_s"], r["load_s"], info["n_train"])
+
+
 def format_fit(o: FitOutcome) -> str:
     """The text ``fit`` prints for :func:`fit_head`'s outcome."""
     s = o.summary
@@ -91,12 +124,19 @@ def format_fit(o: FitOutcome) -> str:
     how = "fit on train, scored on " + "/".join(s["metrics"]) if s["protocol"] == "split" else \
         f"stratified {s['protocol'][3:]}-fold CV (mean +/- std), final head fit on " \
         f"{'all ' if o.n_train == o.n_images else ''}{o.n_train} images"
+    if s["protocol"].startswith("holdout"):
+        how = f"fit on the rest, scored on a random {float(s['protocol'][8:]):.0%} held out (test)"
+    if "out_of_core" in s:
+        ooc = s["out_of_core"]
+        how += (f"; streamed from the shards: {ooc['n_train']} training rows, alpha/epochs chosen on "
+                f"{ooc['n_tune']} held out of them")
     return "\n".join([
         f"head {s['head']}{alias} | {o.root} | backbone {s['backbone']} ({s['space_id']}) | {o.n_images} images, "
         f"{len(s['classes'])} classes | {how}",
         *([o.exclude_note] if o.exclude_note else []),
         format_metrics(s["metrics"]),
-        f"best hyper-parameters (inner CV on training data): {json.dumps(s['best_params'], default=str)}",
+        f"best hyper-parameters ({'held-out chunk of' if 'out_of_core' in s else 'inner CV on'} training data): "
+        f"{json.dumps(s['best_params'], default=str)}",
         f"fit time: {o.fit_seconds:.2f} s (final head)  | protocol total {o.eval_seconds:.2f} s  | "
         f"features loaded in {o.load_seconds:.2f} s",
         f"saved: {s['paths']['model']}",

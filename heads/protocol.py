@@ -51,6 +51,7 @@ def load_labelled(cache_dir, data=None, backbone=None) -> LabelledFeatures:
 
     ipath, index = find_index(cache_dir, data)
     space = resolve_space(cache_dir, index, backbone)
+    check_fits_in_memory(index, space)
     X, labels, splits, paths = load_features(cache_dir, index, space)
     if len(X) == 0:
         raise UserError(f"no embedded images for {index.root} in space {space.space_id}; run `extract {index.root}`")
@@ -62,6 +63,21 @@ def load_labelled(cache_dir, data=None, backbone=None) -> LabelledFeatures:
                            str(ipath), index.root, index.layout, space.space_id, space.info())
     check_labels(out.y, out.splits)
     return out
+
+
+def check_fits_in_memory(index, space, available: int | None = None) -> None:
+    """Raise ``UserError`` (with the size, suggesting ``sgd``) when loading the features would exhaust memory.
+
+    ``available``: bytes free (default: the system's available memory now).
+    """
+    from heads.outofcore import available_memory, feature_bytes
+
+    n, dim = int(index.ok_mask().sum()), int(space.info().get("dim", 0))
+    need, have = feature_bytes(n, dim), available if available is not None else available_memory()
+    if have is not None and need > have:
+        raise UserError(f"the features of {index.root} are {n:,} x {dim} float32, {need / 1e9:.1f} GB to load with "
+                        f"this head, more than the {have / 1e9:.1f} GB of memory available; use `fit --head sgd`, "
+                        "which streams them from the cache in bounded memory")
 
 
 def has_split(splits) -> bool:

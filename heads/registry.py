@@ -195,3 +195,11 @@ def _centroid(*, class_weight, seed, n_samples, n_jobs):
     return _tuned([("scale", Normalizer()), ("clf", CosineCentroidClassifier())],
                   {"clf__temperature": [0.01, 0.03, 0.1]},
                   class_weight=class_weight, seed=seed, n_jobs=n_jobs, n_samples=n_samples, scoring="neg_log_loss")
+
+
+@register("sgd", "out-of-core logistic regression by SGD: `fit` streams the shards in bounded memory (features "
+          "larger than memory); alpha and epochs chosen on a held-out chunk")
+def _sgd(*, class_weight, seed, n_samples, n_jobs):
+    from heads.outofcore import SGDHead
+
+    return SGDHead(class_weight=class_weight, random_state=seed)

@@ -32,8 +32,9 @@ def test_two_nodes_give_the_local_index_and_vectors(cluster, tmp_path):
     data = make_dataset(tmp_path / "data", classes=("a", "b"), per_class=12)
     (data / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     local = extract(data, tmp_path / "local", **FAST)
-    s = extract(data, tmp_path / "ray", ray=cluster.address, workers_per_node=1, **FAST)
-    assert (s["ray"]["nodes"], s["ray"]["workers"], s["ray"]["nodes_used"]) == (2, 2, 2)  # a model worker per node
+    s = extract(data, tmp_path / "ray", ray=cluster.address, workers_per_node=1, **{**FAST, "batch_size": 2})
+    assert (s["ray"]["nodes"], s["ray"]["workers"]) == (2, 2)  # a model worker per node
+    # (which of them returned rows depends on start-up times: under load the first one up may take it all)
     assert s["space_id"] == local["space_id"] and (s["embedded"], s["failed"]) == (24, 1)
     _, want = fc.find_index(tmp_path / "local", data)
     _, got = fc.find_index(tmp_path / "ray", data)
