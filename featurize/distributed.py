@@ -209,7 +209,7 @@ class RayPipeline:
         ds = ds.map_batches(_Embedder, fn_constructor_kwargs={"spec": self.spec}, batch_size=per_call,
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.actors, max_tasks_in_flight_per_actor=2),
                             num_gpus=self.gpus or None, num_cpus=1)
-        interrupted, t0, nodes = False, time.perf_counter(), set()
+        interrupted, t0, nodes, first = False, time.perf_counter(), set(), 0.0
         try:
             for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 ok = b["error"] == ""
@@ -221,6 +221,7 @@ class RayPipeline:
                 seconds["model"] = seconds.get("model", 0.0) + float(b["model_s"].sum())
                 ex.engine.name, ex.engine.device = str(b["engine"][0]), str(b["device"][0])
                 nodes.update(b["node"].tolist())
+                first = first or time.perf_counter() - t0
                 if bar:
                     bar.update(len(b["i"]))
         except KeyboardInterrupt:
@@ -239,7 +240,9 @@ class RayPipeline:
             seconds["write"] = seconds.get("write", 0.0) + writer.seconds
             if bar:
                 bar.close()
-            self.info.update(run_seconds=round(time.perf_counter() - t0, 3), nodes_used=len(nodes))
+            # first_batch_seconds: workers started, model built, first batch embedded (the start-up cost)
+            self.info.update(run_seconds=round(time.perf_counter() - t0, 3), nodes_used=len(nodes),
+                             first_batch_seconds=round(first, 3))
             self.close()
         return writer.rows_written, interrupted
 

@@ -31,7 +31,7 @@ CLI = ["--backbone", "tiny", "--precision", "fp32", "--no-progress"]
 
 @pytest.fixture(scope="module")
 def address():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 << 20)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

@@ -1,0 +1,224 @@
+"""Scale-out benchmarks (issue 13): Ray Data extraction, the driver's write capacity, the out-of-core head.
+
+    .venv/bin/python benchmarks/bench_scale.py --only ray,writer,chest      # -> results_scale.json
+    .venv/bin/python benchmarks/bench_scale.py --only sgd --big /tmp/big     # 2M x 1,280 (10 GB on disk)
+
+Sections:
+- ray:    1,000 flowers, `extract` with the local engine vs `extract --ray` (a local Ray runtime on
+          all cores), alternating in fresh subprocesses of one run; the OpenVINO conversion is done
+          once before (both reuse it from the cache's engines/ folder).
+- writer: the driver's write capacity at D = 1,280: ShardWriter alone (vectors arriving in batches
+          of 64), and Ray Data tasks producing vectors streamed into it (what a cluster's driver does).
+- chest:  `fit --head sgd` vs `fit --head logreg` on chest X-ray (train -> test), same run.
+- sgd:    a generated 2,000,000 x 1,280 feature space (4 classes, train/test split) written with the
+          cache's own writer, then `fit --head sgd` under /usr/bin/time (peak RSS, wall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "datasets"
+sys.path.insert(0, str(ROOT))
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cli(*args, env=None) -> tuple[dict, float, str]:
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args), "--json"], capture_output=True,
+                       text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+    wall = time.perf_counter() - t
+    if p.returncode:
+        raise SystemExit(f"failed: {args}\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1]), wall, p.stderr
+
+
+def bench_ray(tmp: Path, rounds: int) -> list[dict]:
+    data = DATA / "flowers"
+    warm = tmp / "warm"
+    sample = tmp / "sample"
+    for c in sorted(p for p in data.iterdir() if p.is_dir()):  # 8 other-than-timed files convert the engine
+        for f in sorted(c.iterdir())[:2]:
+            (sample / c.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, sample / c.name / f.name)
+    cli("extract", sample, "--cache", warm, "--no-progress")
+    rows = []
+    for r in range(rounds):
+        for how in ("local", "ray"):
+            cache = tmp / f"{how}-{r}"
+            shutil.copytree(warm / "engines", cache / "engines")
+            before = load()
+            args = ["extract", data, "--cache", cache, "--no-progress"] + (["--ray"] if how == "ray" else [])
+            s, wall, _ = cli(*args)
+            sec = s["seconds"]
+            row = {"contender": how, "round": r, "images": s["embedded"], "wall_s": round(wall, 2),
+                   "img_per_s": s["images_per_second"], "engine": s["engine"], "precision": s["precision"],
+                   "seconds": sec, "load_before": before}
+            if how == "ray":
+                info = s["ray"]
+                steady = (s["embedded"] - 0) / max(info["run_seconds"] - info["first_batch_seconds"], 1e-9)
+                row.update(ray=info, startup_s=round(info["connect_seconds"] + info["first_batch_seconds"], 2),
+                           steady_img_per_s=round(steady, 1))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(cache)
+    return rows
+
+
+def bench_writer(tmp: Path, n: int = 400_000, dim: int = 1280) -> dict:
+    from featurize import cache as fc
+
+    rng = np.random.default_rng(0)
+    pool = rng.standard_normal((4096, dim), dtype=np.float32)
+    space = fc.FeatureSpace(tmp / "wcache", "bench-000000000001")
+    space.create({"backbone": "bench"}, dim)
+    w = fc.ShardWriter(space)
+    t = time.perf_counter()
+    for k in range(0, n, 64):
+        w.add([f"{i:032x}" for i in range(k, k + 64)], pool[k % 4096:k % 4096 + 64])
+    w.flush()
+    alone = time.perf_counter() - t
+    shutil.rmtree(space.folder)
+    out = {"vectors": n, "dim": dim, "writer_alone_s": round(alone, 2), "writer_alone_vps": round(n / alone),
+           "writer_alone_MBps": round(n * dim * 4 / alone / 1e6, 1), "shards": -(-n // w.max_rows)}
+    # the same writer fed by Ray Data, as the driver of `extract --ray` is (vectors made by tasks)
+    import ray
+    import ray.data
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    def make(batch):
+        r = np.random.default_rng(int(batch["id"][0]))
+        return {"id": batch["id"], "emb": r.standard_normal((len(batch["id"]), dim), dtype=np.float32)}
+
+    space.create({"backbone": "bench"}, dim)
+    w = fc.ShardWriter(space)
+    ds = ray.data.range(n, override_num_blocks=n // 2048).map_batches(make, batch_size=64)
+    t = time.perf_counter()
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        w.add([f"{i:032x}" for i in b["id"]], b["emb"])
+    w.flush()
+    via = time.perf_counter() - t
+    ray.shutdown()
+    shutil.rmtree(space.folder)
+    out.update(via_ray_s=round(via, 2), via_ray_vps=round(n / via), writer_share_of_via_ray=round(w.seconds / via, 3))
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def bench_chest(cache: Path) -> list[dict]:
+    rows = []
+    for head in ("logreg", "sgd"):
+        before = load()
+        s, wall, _ = cli("fit", "--head", head, "--cache", cache, "--data", DATA / "chest_xray", "--out",
+                         cache / "bench" / f"{head}.joblib")
+        t = s["metrics"]["test"]
+        rows.append({"head": head, "accuracy": round(t["accuracy"], 4), "balanced_accuracy":
+                     round(t["balanced_accuracy"], 4), "roc_auc": round(t.get("roc_auc", float("nan")), 4),
+                     "wall_s": round(wall, 2), "best_params": s["best_params"], "load_before": before})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def generate(big: Path, n: int, dim: int = 1280, classes: int = 4, seed: int = 0) -> dict:
+    """2M rows through the cache's own ShardWriter + write_index, as `extract` writes them."""
+    from featurize import cache as fc
+
+    t = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, dim)).astype(np.float32) * 0.06  # overlapping: accuracy < 100 %
+    space = fc.FeatureSpace(big, "generated-000000000001")
+    space.create({"backbone": "generated", "precision": "fp32"}, dim)
+    w = fc.ShardWriter(space, max_rows=65536)
+    labels = np.repeat(np.arange(classes), n // classes)  # in class order, as a class-folder dataset is
+    hashes = [f"{i:032x}" for i in range(n)]
+    for k in range(0, n, 8192):
+        y = labels[k:k + 8192]
+        X = rng.standard_normal((len(y), dim), dtype=np.float32) + centres[y]
+        w.add(hashes[k:k + 8192], X)
+    w.flush()
+    names = [f"class{c}" for c in range(classes)]
+    split = np.where(rng.random(n) < 0.1, "test", "train")
+    idx = fc.DatasetIndex(root=str(big / "data"), layout="split",
+                          path=[f"{split[i]}/{names[labels[i]]}/{i:07d}.jpg" for i in range(n)],
+                          label=[names[c] for c in labels], split=split.tolist(), hash=hashes, size=[1] * n,
+                          mtime_ns=[0] * n, status=["ok"] * n,
+                          extractions={space.space_id: {"backbone": "generated", "finished_at": time.time()}})
+    fc.write_index(fc.index_path(big, big / "data"), idx)
+    gb = sum(p.stat().st_size for p in space.shard_paths()) / 1e9
+    return {"rows": n, "dim": dim, "classes": classes, "shards": len(space.shard_paths()), "gb_on_disk": round(gb, 2),
+            "generate_s": round(time.perf_counter() - t, 1)}
+
+
+def bench_sgd(big: Path, n: int) -> dict:
+    gen = generate(big, n) if not (big / "features").exists() else {"rows": n, "reused": True}
+    print(json.dumps(gen), flush=True)
+    out = {"generated": gen, "load_before": load()}
+    cmd = ["/usr/bin/time", "-v", sys.executable, str(ROOT / "cli.py"), "fit", "--head", "sgd", "--cache", str(big),
+           "--json"]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    out["wall_s"] = round(time.perf_counter() - t, 1)
+    if p.returncode:
+        raise SystemExit(p.stderr[-3000:])
+    rss_kb = next(int(ln.split()[-1]) for ln in p.stderr.splitlines() if "Maximum resident set size" in ln)
+    s = json.loads(p.stdout.strip().splitlines()[-1])
+    out.update(peak_rss_gb=round(rss_kb / 1e6, 3), accuracy=round(s["metrics"]["test"]["accuracy"], 4),
+               best_params=s["best_params"], out_of_core=s["out_of_core"], timings=s["timings"])
+    # an in-memory head on the same space: refused with the size, suggesting sgd
+    q = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--head", "logreg", "--cache", str(big)],
+                       capture_output=True, text=True, cwd=ROOT)
+    out["logreg_message"] = q.stderr.strip().splitlines()[-1] if q.stderr.strip() else f"rc {q.returncode}"
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--only", default="ray,writer,chest")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--cache", default="/tmp/fzcache", help="a cache with chest_xray extracted (copied, not written)")
+    p.add_argument("--big", default=None, help="folder for the generated 2M x 1,280 space (sgd section)")
+    p.add_argument("--n", type=int, default=2_000_000)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results_scale.json"))
+    args = p.parse_args()
+    only = set(args.only.split(","))
+    res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "shared": True}}
+    out = Path(args.out)
+    if out.exists():
+        res = {**json.loads(out.read_text()), **res}
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        tmp = Path(tmp)
+        if "ray" in only:
+            res["ray"] = bench_ray(tmp, args.rounds)
+        if "writer" in only:
+            res["writer"] = bench_writer(tmp)
+        if "chest" in only:
+            cache = tmp / "cache"
+            shutil.copytree(args.cache, cache, ignore=shutil.ignore_patterns("heads", "reports"))
+            res["chest"] = bench_chest(cache)
+    if "sgd" in only:
+        res["sgd"] = bench_sgd(Path(args.big), args.n)
+    res["peak_rss_this_process_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)
+    out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
