@@ -209,19 +209,28 @@ class RayPipeline:
         ds = ds.map_batches(_Embedder, fn_constructor_kwargs={"spec": self.spec}, batch_size=per_call,
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.actors, max_tasks_in_flight_per_actor=2),
                             num_gpus=self.gpus or None, num_cpus=1)
-        interrupted, t0, nodes, first = False, time.perf_counter(), set(), 0.0
+        interrupted, t0, nodes, first, worker_model = False, time.perf_counter(), set(), 0.0, 0.0
         try:
-            for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+            while True:
+                t = time.perf_counter()
+                b = next(batches, None)
+                # the driver's wall clock: "model" is its wait for the cluster (decode + model run there)
+                seconds["model"] = seconds.get("model", 0.0) + time.perf_counter() - t
+                if b is None:
+                    break
+                first = first or time.perf_counter() - t0
                 ok = b["error"] == ""
                 for i, reason in zip(b["i"][~ok], b["error"][~ok]):
                     on_error(todo[int(i)][0], str(reason))
+                t = time.perf_counter()
                 if ok.any():
                     writer.add([todo[int(i)][0] for i in b["i"][ok]], b["emb"][ok])
-                seconds["decode"] = seconds.get("decode", 0.0) + float(b["decode_s"].sum())
-                seconds["model"] = seconds.get("model", 0.0) + float(b["model_s"].sum())
+                seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t
+                seconds["decode_cpu"] = seconds.get("decode_cpu", 0.0) + float(b["decode_s"].sum())
+                worker_model += float(b["model_s"].sum())
                 ex.engine.name, ex.engine.device = str(b["engine"][0]), str(b["device"][0])
                 nodes.update(b["node"].tolist())
-                first = first or time.perf_counter() - t0
                 if bar:
                     bar.update(len(b["i"]))
         except KeyboardInterrupt:
@@ -236,13 +245,14 @@ class RayPipeline:
                                 "same path (NFS, a shared volume), see the README") from None
             raise
         finally:
+            t = time.perf_counter()
             writer.flush()  # what came back is kept, even on Ctrl-C or a failed run
-            seconds["write"] = seconds.get("write", 0.0) + writer.seconds
+            seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t
             if bar:
                 bar.close()
             # first_batch_seconds: workers started, model built, first batch embedded (the start-up cost)
             self.info.update(run_seconds=round(time.perf_counter() - t0, 3), nodes_used=len(nodes),
-                             first_batch_seconds=round(first, 3))
+                             first_batch_seconds=round(first, 3), worker_model_seconds=round(worker_model, 3))
             self.close()
         return writer.rows_written, interrupted
 
