@@ -92,9 +92,10 @@ def fit_head(cache_dir, head="logreg", data=None, backbone=None, out=None, class
 def _fit_sgd(cache_dir, data, backbone, out, class_weight, seed, folds) -> FitOutcome:
     """``fit --head sgd``: :mod:`heads.outofcore` streams the shards; saved and reported like any head."""
     from heads.outofcore import HOLDOUT_FRACTION, fit_sgd_from_cache
+    from heads.protocol import MAX_KEPT_ERRORS
 
     r = fit_sgd_from_cache(cache_dir, data, backbone, class_weight=class_weight, seed=seed,
-                           log=lambda s: print(s, file=sys.stderr))
+                           log=lambda s: print(s, file=sys.stderr), max_errors=MAX_KEPT_ERRORS)
     plan, info = r["plan"], r["info"]
     protocol = "split" if (plan.part >= 2).any() and not (plan.part == 4).any() else f"holdout-{HOLDOUT_FRACTION:g}"
     space_info = plan.space.info()

@@ -208,7 +208,9 @@ def plan_shards(cache_dir, data=None, backbone=None, seed=0) -> ShardPlan:
         if not ipath.exists():
             fc.find_index(cache_dir, data)  # raises the usual message
     else:
-        found = sorted((cache_dir / "datasets").glob("*.h5")) if (cache_dir / "datasets").is_dir() else []
+        from featurize.layout import Cache
+
+        found = Cache(cache_dir).index_files()
         if not found:
             fc.find_index(cache_dir, None)  # raises the usual message
         ipath = max(found, key=lambda p: _index_attrs(p)["updated_at"])
@@ -314,10 +316,11 @@ def _check_shards(space) -> None:
             space._stream_rows(p, lambda rows, start: None)  # raises UserError naming a damaged shard
 
 
-def fit_sgd_from_cache(cache_dir, data=None, backbone=None, class_weight=None, seed=0, log=None) -> dict:
-    """Fit the ``sgd`` head by streaming the shards; return estimator, metrics and provenance."""
+def fit_sgd_from_cache(cache_dir, data=None, backbone=None, class_weight=None, seed=0, log=None,
+                       max_errors: int = 300) -> dict:
+    """Fit the ``sgd`` head by streaming the shards; return estimator, metrics, the ``max_errors`` most
+    confident mistakes and provenance."""
     from heads.metrics import compute_metrics
-    from heads.protocol import MAX_KEPT_ERRORS
 
     t0 = time.perf_counter()
     plan = plan_shards(cache_dir, data, backbone, seed)
@@ -354,7 +357,7 @@ def fit_sgd_from_cache(cache_dir, data=None, backbone=None, class_weight=None, s
             y, pred, proba, pos = map(np.concatenate, (ys, preds, probas, positions))
             metrics[name] = compute_metrics(y.astype(str), pred.astype(str), proba, plan.classes)
             wrong = np.flatnonzero(pred != y)
-            wrong = wrong[np.argsort(-proba[wrong].max(1), kind="stable")][:MAX_KEPT_ERRORS - len(errors)]
+            wrong = wrong[np.argsort(-proba[wrong].max(1), kind="stable")][:max_errors - len(errors)]
             errors += [(int(plan.index_row[pos[i]]), str(y[i]), str(pred[i]), float(proba[i].max()), name)
                        for i in wrong]
     finally:
@@ -372,21 +375,3 @@ def _error_paths(plan: ShardPlan, errors) -> list[dict]:
     with h5py.File(plan.index_path, "r") as f:
         paths = dict(zip(rows, f["path"][rows]))
     return [{"path": paths[r].decode() if isinstance(paths[r], bytes) else str(paths[r]), "true": t, "pred": p, "prob": prob, "part": part} for r, t, p, prob, part in errors]
-
-
-def feature_bytes(n_rows: int, dim: int) -> int:
-    """Memory the in-memory heads need to load ``n_rows`` vectors: the rows, plus the copy made
-    when they are gathered in index order."""
-    return 2 * n_rows * dim * 4
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; None elsewhere)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None

@@ -65,13 +65,29 @@ def load_labelled(cache_dir, data=None, backbone=None) -> LabelledFeatures:
     return out
 
 
+def feature_bytes(n_rows: int, dim: int) -> int:
+    """Memory the in-memory heads need to load ``n_rows`` vectors: the rows, plus the copy made
+    when they are gathered in index order."""
+    return 2 * n_rows * dim * 4
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def check_fits_in_memory(index, space, available: int | None = None) -> None:
     """Raise ``UserError`` (with the size, suggesting ``sgd``) when loading the features would exhaust memory.
 
     ``available``: bytes free (default: the system's available memory now).
     """
-    from heads.outofcore import available_memory, feature_bytes
-
     n, dim = int(index.ok_mask().sum()), int(space.info().get("dim", 0))
     need, have = feature_bytes(n, dim), available if available is not None else available_memory()
     if have is not None and need > have:

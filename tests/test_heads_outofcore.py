@@ -12,7 +12,7 @@ from featurize.cache import DatasetIndex, FeatureSpace, index_path, read_index, 
 from featurize.errors import UserError
 from heads import outofcore
 from heads.commands import fit_head
-from heads.protocol import check_fits_in_memory
+from heads.protocol import check_fits_in_memory, feature_bytes
 from heads.store import load_head
 
 
@@ -71,7 +71,7 @@ def test_heads_that_load_everything_refuse_when_it_cannot_fit(tmp_path):
     cache, root, X, _, _ = sorted_cache(tmp_path)
     idx = read_index(index_path(cache, root))
     space = FeatureSpace(cache, "blobs-000000000001")
-    need = outofcore.feature_bytes(len(X), X.shape[1])
+    need = feature_bytes(len(X), X.shape[1])
     check_fits_in_memory(idx, space, available=need)  # fits exactly: no error
     with pytest.raises(UserError, match=r"750 x 24 float32, 0\.0 GB .* use `fit --head sgd`"):
         check_fits_in_memory(idx, space, available=need - 1)
