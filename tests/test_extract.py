@@ -243,6 +243,14 @@ def _shard_rows(space_dir: Path) -> int:
     return n
 
 
+def _unique_hashes(space_dir: Path) -> int:
+    seen = set()
+    for p in space_dir.glob("*.h5"):
+        with h5py.File(p, "r") as f:
+            seen.update(f["hash"][()].tolist())
+    return len(seen)
+
+
 @pytest.fixture(scope="module")
 def crash_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
@@ -309,7 +317,9 @@ def test_ctrl_c_saves_work_and_exits_with_one_line(tmp_path):
     said = [ln for ln in lines if ln.startswith("Interrupted")]
     assert len(said) == 1 and said[0].startswith("Interrupted: ") and "re-run" in said[0], err
     assert "Traceback" not in err, err
-    saved = _shard_rows(features_dir)
+    # Ctrl-C landing just after a shard's rename makes the final flush write those rows again:
+    # a harmless duplicate (reads keep the first copy, compaction drops it), so count hashes.
+    saved = _unique_hashes(features_dir)
     assert 0 < saved < 300
     p = run_cli("extract", data, "--backbone", "tiny", "--precision", "fp32", "--cache", cache, "--json", check=0)
     assert last_json(p)["embedded"] == 300 - saved and last_json(p)["ok"] == 300
