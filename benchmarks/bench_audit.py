@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -38,8 +39,11 @@ def label_errors(cache, scratch, rate: str, head: str) -> dict:
 
 
 def duplicates(cache, scratch, thresholds) -> dict:
+    """Recall of the planted copies and the reported pairs that are not planted, per cosine threshold,
+    with the embeddings alone and with the pixel-hash rule added (what `audit` runs)."""
     from featurize.cache import find_index, load_features, resolve_space
-    from heads.audit import DUP_THRESHOLD, dup_rows, groups_of, similarity_pass
+    from heads.audit import DUP_THRESHOLD, PIXEL_FLOOR, PixelHashes, dup_rows, groups_of, similarity_pass
+    from heads.pixelhash import dataset_hashes
 
     copies = json.loads((scratch / "flowers_dups.json").read_text())
     ip, idx = find_index(cache, scratch / "flowers_dups")
@@ -49,33 +53,86 @@ def duplicates(cache, scratch, thresholds) -> dict:
     source = np.arange(len(paths))
     for cp, orig in copies.items():
         source[row[cp]] = row[orig]
+    key = dict(zip(idx.path, idx.hash))
+    codes, has, _ = dataset_hashes(cache, idx.root, paths, [key[p] for p in paths])
+    px = PixelHashes(codes, has)
     U = dup_rows(X)
-    pairs, sims, _ = similarity_pass(U, min(thresholds), 0)
+    pairs, sims, _ = similarity_pass(U, min(min(thresholds), PIXEL_FLOOR), 0)
+    bits = px.distance(pairs[:, 0], pairs[:, 1])
+    close = px.close(pairs[:, 0], pairs[:, 1]) & (sims >= PIXEL_FLOOR)
     planted = {(min(row[o], row[c]), max(row[o], row[c])): c.split("/")[1].split("-")[1] for c, o in copies.items()}
+    planted_bits = {k: sorted(int(px.distance([a], [b])[0]) for (a, b), kk in planted.items() if kk == k)
+                    for k in ("jpeg50", "half", "crop90", "rot5")}
     out = []
-    for t in sorted(thresholds):
-        keep = sims >= t
-        p, s = pairs[keep], sims[keep]
-        found = {tuple(x) for x in p.tolist()}
-        same = source[p[:, 0]] == source[p[:, 1]]
-        identical = s > 0.9999  # byte-identical files already in flowers (2 pairs)
-        false = ~same & ~identical
-        among_originals = false & ~np.isin(p[:, 0], list(row[c] for c in copies)) & \
-            ~np.isin(p[:, 1], list(row[c] for c in copies))
-        by_kind = {}
-        for k in ("jpeg50", "half", "crop90", "rot5"):
-            want = [pr for pr, kind in planted.items() if kind == k]
-            by_kind[k] = round(sum(pr in found for pr in want) / len(want), 3)
-        group_of = {i: n for n, g in enumerate(groups_of(p, len(paths))) for i in g}
-        grouped = [a in group_of and group_of.get(a) == group_of.get(b) for a, b in planted]
-        out.append({"threshold": t, "default": t == DUP_THRESHOLD, "recall_grouped": round(float(np.mean(grouped)), 3),
-                    "recall": round(sum(pr in found for pr in planted) / len(planted), 3), "recall_by_transform": by_kind,
-                    "reported_pairs": int(len(p)), "false_pairs": int(false.sum()),
-                    "false_rate": round(float(false.mean()) if len(p) else 0.0, 4),
-                    "false_pairs_between_original_photos": int(among_originals.sum()),
-                    "false_examples": [[paths[a], paths[b], round(float(x), 3)]
-                                       for (a, b), x in zip(p[false][:60].tolist(), s[false][:60])]})
-    return {"copies": len(copies), "sources": len(set(copies.values())), "curve": out}
+    for mode in ("embedding", "embedding + pixels"):
+        for t in sorted(thresholds):
+            keep = (sims >= t) | (close if mode != "embedding" else False)
+            p, s, b = pairs[keep], sims[keep], bits[keep]
+            found = {tuple(x) for x in p.tolist()}
+            same = source[p[:, 0]] == source[p[:, 1]]
+            identical = s > 0.9999  # byte-identical files already in flowers (2 pairs)
+            false = ~same & ~identical
+            among_originals = false & ~np.isin(p[:, 0], list(row[c] for c in copies)) & \
+                ~np.isin(p[:, 1], list(row[c] for c in copies))
+            by_kind = {}
+            for k in ("jpeg50", "half", "crop90", "rot5"):
+                want = [pr for pr, kind in planted.items() if kind == k]
+                by_kind[k] = round(sum(pr in found for pr in want) / len(want), 3)
+            group_of = {i: n for n, g in enumerate(groups_of(p, len(paths))) for i in g}
+            grouped = [a in group_of and group_of.get(a) == group_of.get(b) for a, b in planted]
+            out.append({"mode": mode, "threshold": t, "default": t == DUP_THRESHOLD,
+                        "recall_grouped": round(float(np.mean(grouped)), 3),
+                        "recall": round(sum(pr in found for pr in planted) / len(planted), 3),
+                        "recall_by_transform": by_kind, "reported_pairs": int(len(p)),
+                        "by_pixels_only": int(np.sum(s < t)), "false_pairs": int(false.sum()),
+                        "false_rate": round(float(false.mean()) if len(p) else 0.0, 4),
+                        "false_pairs_between_original_photos": int(among_originals.sum()),
+                        "false_examples": [[paths[a], paths[c], round(float(x), 3), int(d)]
+                                           for (a, c), x, d in zip(p[false][:60].tolist(), s[false][:60], b[false][:60])]})
+    return {"copies": len(copies), "sources": len(set(copies.values())), "planted_pixel_bits": planted_bits,
+            "curve": out}
+
+
+def pixel_pass(cache, scratch) -> dict:
+    """The pixel-hash pass alone on each dataset: cold (an empty hash store) and warm (cached), wall and
+    CPU seconds, and the pairs the pixel rule adds below the cosine threshold (what `audit` reports extra)."""
+    import tempfile
+
+    from featurize.cache import find_index, load_features, resolve_space
+    from heads.audit import DUP_THRESHOLD, PixelHashes, audit_pass
+    from heads.pixelhash import dataset_hashes
+
+    out = {}
+    for name, data in (("chest_xray", SHARED / "chest_xray"), ("trashnet", SHARED / "trashnet"),
+                       ("flowers", SHARED / "flowers"), ("flowers_dups", scratch / "flowers_dups")):
+        _, idx = find_index(cache, data)
+        X, _, _, paths = load_features(cache, idx, resolve_space(cache, idx))
+        key = dict(zip(idx.path, idx.hash))
+        hashes = [key[p] for p in paths]
+        with tempfile.TemporaryDirectory() as tmp:  # cold: an empty store, the same files
+            t, c = time.perf_counter(), time.process_time()
+            codes, has, stats = dataset_hashes(tmp, idx.root, paths, hashes)
+            cold = (time.perf_counter() - t, time.process_time() - c)
+            t, c = time.perf_counter(), time.process_time()
+            dataset_hashes(tmp, idx.root, paths, hashes)
+            warm = (time.perf_counter() - t, time.process_time() - c)
+        t = time.perf_counter()
+        pairs, sims, _ = audit_pass(X, DUP_THRESHOLD, 0)
+        plain = time.perf_counter() - t
+        t = time.perf_counter()
+        pairs_px, sims_px, _ = audit_pass(X, DUP_THRESHOLD, 0, pixels=PixelHashes(codes, has))
+        with_px = time.perf_counter() - t
+        extra = sims_px < DUP_THRESHOLD
+        out[name] = {"images": len(paths), "hashed": int(has.sum()), "computed_cold": stats["computed"],
+                     "cold_wall_s": round(cold[0], 2), "cold_cpu_s": round(cold[1], 2),
+                     "cold_cpu_ms_per_image": round(1000 * cold[1] / max(1, stats["computed"]), 3),
+                     "warm_wall_s": round(warm[0], 3), "similarity_pass_s": round(plain, 2),
+                     "similarity_pass_with_pixels_s": round(with_px, 2),
+                     "pairs_embedding": int(len(pairs)), "pairs_with_pixels": int(len(pairs_px)),
+                     "pixel_only_pairs": [[str(paths[a]), str(paths[b]), round(float(s), 3)]
+                                          for (a, b), s in zip(pairs_px[extra].tolist(), sims_px[extra])],
+                     "load": round(os.getloadavg()[0], 1)}
+    return out
 
 
 PATIENT = re.compile(r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)")
@@ -289,7 +346,7 @@ def main():
     ap.add_argument("--scratch", default="/tmp/i12")
     ap.add_argument("--head", default="logreg")
     ap.add_argument("--datasets", default=str(SHARED), help="the shared datasets folder")
-    ap.add_argument("--only", default="labels,dups,chest,trash,novelty,exclude,speed")
+    ap.add_argument("--only", default="labels,dups,pixels,chest,trash,novelty,exclude,speed")
     a = ap.parse_args()
     SHARED = Path(a.datasets)
     cache, scratch, only = a.cache, Path(a.scratch), a.only.split(",")
@@ -310,15 +367,25 @@ def main():
                   f"{100 * x['estimated_noise_rate']:.1f} % |")
     if "dups" in only:
         res["duplicates"] = duplicates(cache, scratch, [0.75, 0.80, 0.85, 0.90, 0.95])
-        print("| threshold | pair recall | same group | jpeg50 | half | crop90 | rot5 | reported pairs | false | "
-              "of which between original photos |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("planted copies' pixel-hash distances (bits of 255):", res["duplicates"]["planted_pixel_bits"])
+        print("| pairs by | cosine >= | pair recall | same group | jpeg50 | half | crop90 | rot5 | reported pairs | "
+              "by pixels only | not planted | of which between original photos |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for x in res["duplicates"]["curve"]:
             k = x["recall_by_transform"]
-            print(f"| {x['threshold']:.2f}{' (default)' if x['default'] else ''} | {x['recall']:.3f} | "
+            print(f"| {x['mode']} | {x['threshold']:.2f}{' (default)' if x['default'] else ''} | {x['recall']:.3f} | "
                   f"{x['recall_grouped']:.3f} | {k['jpeg50']} | "
-                  f"{k['half']} | {k['crop90']} | {k['rot5']} | {x['reported_pairs']} | {x['false_pairs']} "
-                  f"({100 * x['false_rate']:.1f} %) | {x['false_pairs_between_original_photos']} |")
+                  f"{k['half']} | {k['crop90']} | {k['rot5']} | {x['reported_pairs']} | {x['by_pixels_only']} | "
+                  f"{x['false_pairs']} ({100 * x['false_rate']:.1f} %) | {x['false_pairs_between_original_photos']} |")
+    if "pixels" in only:
+        res["pixel_pass"] = pixel_pass(cache, scratch)
+        print("| dataset | images | hash pass cold: wall s | CPU s | CPU ms/image | warm (cached) wall s | "
+              "similarity pass s: embeddings / + pixels | pairs: embeddings / + pixels | load |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for d, x in res["pixel_pass"].items():
+            print(f"| {d} | {x['images']} | {x['cold_wall_s']} | {x['cold_cpu_s']} | {x['cold_cpu_ms_per_image']} | "
+                  f"{x['warm_wall_s']} | {x['similarity_pass_s']} / {x['similarity_pass_with_pixels_s']} | "
+                  f"{x['pairs_embedding']} / {x['pairs_with_pixels']} | {x['load']} |")
     if "chest" in only:
         res["chest_xray"] = chest_leakage(cache)
         print(json.dumps({k: v for k, v in res["chest_xray"].items() if k != "examples"}))

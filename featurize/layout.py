@@ -8,6 +8,7 @@
     heads/<folder>-<hash>/<space_id>/<head>.joblib     heads saved by `fit` (+ .json sidecar)
     reports/compare-<folder>-<hash>.csv|.json          `compare` leaderboards
     reports/audit-<folder>-<hash>.csv|.json|.html      `audit` findings
+    reports/pixelhash-v<version>.npz                   perceptual hashes by content hash (`audit`)
 
 Every module asks a :class:`Cache` for a path instead of joining strings. A ``Cache`` is
 ``os.PathLike``, so it can be passed wherever a cache folder is taken. Torch-free, no I/O
@@ -150,3 +151,7 @@ class Cache(os.PathLike):
     def audit_stem(self, index_path: str | os.PathLike) -> Path:
         """``reports/audit-<dataset>``: the audit's .csv/.json/.html stem."""
         return self.reports_dir / f"audit-{Path(index_path).stem}"
+
+    def pixelhash_path(self, version: int) -> Path:
+        """``reports/pixelhash-v<version>.npz``: the audit's perceptual hashes, keyed by content hash."""
+        return self.reports_dir / f"pixelhash-v{version}.npz"

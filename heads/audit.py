@@ -10,6 +10,11 @@ near-duplicates (flagging those across labels and across splits) and outliers.
   a large common component (every chest X-ray is at cosine 0.9 of every other), centring
   removes it, so one threshold means the same on photos and X-rays. The threshold is
   calibrated on real transformed copies of flower photos (``benchmarks/RESULTS_audit.md``).
+  A pixel-level signal joins it: a pair whose 255-bit perceptual hashes (:mod:`heads.pixelhash`)
+  differ in at most ``PIXEL_BITS`` bits is a near-duplicate as soon as its cosine reaches
+  ``PIXEL_FLOOR``: a half-size or re-encoded copy keeps its pixels' layout while its embedding
+  can move as far as another photo of the same kind. Hashes are computed once per file and
+  cached by content hash.
   The search is exact (blocked matrix products, O(N^2 D)): 3.7 s at 5,840 images on a loaded
   2-core machine, minutes at 5 x 10^4; nothing approximate takes over above that yet.
 * **Outliers**: mean cosine distance (power-normalised, not centred: centring on one
@@ -37,6 +42,8 @@ import numpy as np
 from featurize.errors import UserError
 
 DUP_THRESHOLD = 0.85  # cosine on power-normalised, centred embeddings; calibration in benchmarks/RESULTS_audit.md
+PIXEL_BITS = 24  # of the 255-bit pHash: copies differ in <= 22, the closest different chest X-rays in 38
+PIXEL_FLOOR = 0.30  # the cosine a pixel-hash pair still needs (guards against look-alike blank images)
 OUTLIER_K = 5  # neighbours averaged for the outlier score
 FENCE_IQR = 1.5  # Tukey's fence Q3 + 1.5 IQR: 0-3 % of a dataset, 93-100 % of another dataset's images
 BLOCK_ROWS = 1024  # rows per block of the similarity pass (BLOCK_ROWS x N float32 at a time)
@@ -112,13 +119,37 @@ def similarity_pass(U, threshold: float, k: int, ref=None, block: int = BLOCK_RO
     return (*_sorted_pairs(pi, pj, ps), topk)
 
 
-def audit_pass(X, threshold: float, k: int, block: int = BLOCK_ROWS):
+@dataclass
+class PixelHashes:
+    """Perceptual hashes of the rows (``has`` False where the file could not be hashed) and the
+    rule that makes a pair a near-duplicate by its pixels."""
+
+    codes: np.ndarray  # (n, pixelhash.WORDS) uint64
+    has: np.ndarray  # (n,) bool
+    max_bits: int = PIXEL_BITS
+    floor: float = PIXEL_FLOOR
+
+    def distance(self, i, j) -> np.ndarray:
+        """Differing bits of rows ``i`` and ``j`` (-1 where either has no hash)."""
+        from heads.pixelhash import hamming
+
+        i, j = np.asarray(i, int), np.asarray(j, int)
+        d = hamming(self.codes[i], self.codes[j]) if len(i) else np.empty(0, np.int64)
+        return np.where(self.has[i] & self.has[j], d, -1)
+
+    def close(self, i, j) -> np.ndarray:
+        d = self.distance(i, j)
+        return (d >= 0) & (d <= self.max_bits)
+
+
+def audit_pass(X, threshold: float, k: int, block: int = BLOCK_ROWS, pixels: PixelHashes | None = None):
     """Near-duplicate pairs and k-NN similarities of ``X`` in one pass over its Gram matrix.
 
     Pairs use the centred cosine (:func:`dup_rows`), neighbours the uncentred one
     (:func:`unit_rows`); both follow from the same block ``Z Z^T`` of the power-normalised rows
-    Z, since (z_i - m).(z_j - m) = z_i.z_j - z_i.m - z_j.m + m.m. Returns ``(pairs, sims, topk)``
-    as :func:`similarity_pass` does without ``ref``.
+    Z, since (z_i - m).(z_j - m) = z_i.z_j - z_i.m - z_j.m + m.m. With ``pixels``, a pair below
+    ``threshold`` but at or above ``pixels.floor`` is kept when its pixel hashes are close.
+    Returns ``(pairs, sims, topk)`` as :func:`similarity_pass` does without ``ref``.
     """
     Z = power(X)
     m = Z.mean(axis=0)
@@ -138,7 +169,11 @@ def audit_pass(X, threshold: float, k: int, block: int = BLOCK_ROWS):
             S[rows - s, rows] = -np.inf  # not its own neighbour
             topk[rows] = _top(S, kk)
         C = (G - a[rows, None] - a[None, :] + m @ m) / norm_c[rows, None] / norm_c[None, :]
-        i, j, v = _upper_pairs(C, s, threshold)
+        i, j, v = _upper_pairs(C, s, threshold if pixels is None else min(threshold, pixels.floor))
+        if pixels is not None:
+            keep = v >= threshold
+            keep[~keep] = pixels.close(i[~keep], j[~keep])
+            i, j, v = i[keep], j[keep], v[keep]
         pi.append(i)
         pj.append(j)
         ps.append(np.minimum(v, 1.0))  # rounding can put a copy a hair above 1
@@ -335,13 +370,25 @@ def novelty_for(cache_dir, meta: dict) -> Novelty | None:
 # --------------------------------------------------------------------------- the audit
 
 
+def pixel_hashes(cache_dir, lf) -> tuple[PixelHashes, dict]:
+    """The perceptual hashes of the loaded rows (cached by content hash) and the pass's stats."""
+    from featurize.cache import read_index
+    from heads.pixelhash import dataset_hashes
+
+    index = read_index(lf.index_path)
+    key = {p: h for p, h, st in zip(index.path, index.hash, index.status) if st == "ok"}
+    codes, has, stats = dataset_hashes(cache_dir, lf.root, lf.paths, [key.get(p, "") for p in lf.paths])
+    return PixelHashes(codes, has), stats
+
+
 def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=None, seed=0, folds=5, n_jobs=None,
-          threshold: float = DUP_THRESHOLD, k: int = OUTLIER_K) -> dict:
+          threshold: float = DUP_THRESHOLD, k: int = OUTLIER_K, pixels: bool = True) -> dict:
     """Find suspected label errors, near-duplicates and outliers in a dataset's cached features.
 
     Takes the cache dir, dataset folder (latest extracted when None), backbone (latest when
     None), the head whose out-of-sample probabilities feed cleanlab and the protocol options,
-    the duplicate threshold and k. Returns a JSON-able dict: summary per issue and ``rows``,
+    the duplicate threshold, k, and whether pixel hashes join the embeddings for duplicates.
+    Returns a JSON-able dict: summary per issue and ``rows``,
     one per flagged (image, issue). Raises ``UserError`` for unusable labels (flat folder,
     one class, a class with one image) or an unknown head.
     """
@@ -360,10 +407,13 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
     t_proba = time.perf_counter()
     li = label_issues(lf.y, proba, classes)
     t_clean = time.perf_counter()
-    pairs, sims, topk = audit_pass(lf.X, threshold, k)
+    ph, ph_stats = pixel_hashes(cache_dir, lf) if pixels else (None, None)
+    t_pix = time.perf_counter()
+    pairs, sims, topk = audit_pass(lf.X, threshold, k, pixels=ph)
     groups = duplicate_groups(pairs, sims, lf.y, lf.splits)
     scores = outlier_scores(topk)
     cutoff = fence(scores)
+    bits = ph.distance(pairs[:, 0], pairs[:, 1]) if ph is not None else np.full(len(pairs), -1)
     t_sim = time.perf_counter()
 
     paths, y, splits = lf.paths, lf.y, lf.splits
@@ -386,9 +436,9 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
         rows.append({"path": paths[i], "issue": "outlier", "score": round(float(scores[i]), 4), "label": y[i],
                      "suggested": "", "partner": "", "split": splits[i], "cross_label": "", "cross_split": ""})
 
-    def pair_item(a, b, s):
-        return {"path": paths[a], "partner": paths[b], "cosine": round(float(s), 4), "labels": [y[a], y[b]],
-                "splits": [splits[a], splits[b]]}
+    def pair_item(a, b, s, d):
+        return {"path": paths[a], "partner": paths[b], "cosine": round(float(s), 4), "pixel_bits": int(d),
+                "labels": [y[a], y[b]], "splits": [splits[a], splits[b]]}
 
     n_label = int(li["mask"].sum())
     return {
@@ -398,20 +448,24 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
         "label_issues": {"n": n_label, "per_class": li["per_class"], "estimated_noise_rate": round(li["noise_rate"], 4),
                          "top": [r for r in rows if r["issue"] == "label"][:TOP_SHOWN]},
         "near_duplicates": {
-            "threshold": threshold, "n_pairs": int(len(pairs)), "n_groups": len(groups),
+            "threshold": threshold, "pixel_rule": {"max_bits": PIXEL_BITS, "of_bits": 255, "min_cosine": PIXEL_FLOOR}
+            if pixels else None, "pixel_hashes": ph_stats, "n_pairs": int(len(pairs)),
+            "n_pixel_pairs": int(np.sum(sims < threshold)), "n_groups": len(groups),
             "n_images": sum(len(g["members"]) for g in groups),
             "cross_label_groups": sum(g["cross_label"] for g in groups),
             "cross_split_groups": sum(g["cross_split"] for g in groups),
             "groups": [{**g, "members": [paths[i] for i in g["members"]], "keep": paths[g["keep"]],
                         "labels": [y[i] for i in g["members"]], "splits": [splits[i] for i in g["members"]]}
                        for g in groups],
-            "top": [pair_item(a, b, s) for (a, b), s in zip(pairs[:TOP_SHOWN].tolist(), sims[:TOP_SHOWN])],
+            "top": [pair_item(a, b, s, d) for (a, b), s, d in zip(pairs[:TOP_SHOWN].tolist(), sims[:TOP_SHOWN],
+                                                                   bits[:TOP_SHOWN])],
         },
         "outliers": {"k": k, "cutoff": round(cutoff, 4), "n": int(len(flagged_out)),
                      "top": [r for r in rows if r["issue"] == "outlier"][:TOP_SHOWN]},
         "rows": rows,
         "timings": {"load_s": round(t_load - t0, 3), "proba_s": round(t_proba - t_load, 3),
-                    "cleanlab_s": round(t_clean - t_proba, 3), "similarity_s": round(t_sim - t_clean, 3),
+                    "cleanlab_s": round(t_clean - t_proba, 3), "pixel_hash_s": round(t_pix - t_clean, 3),
+                    "similarity_s": round(t_sim - t_pix, 3),
                     "total_s": round(time.perf_counter() - t0, 3)},
     }
 
@@ -434,6 +488,15 @@ def write_audit(result: dict, stem) -> dict:
     return {"csv": str(csv_path), "json": str(json_path)}
 
 
+def dup_rule_text(nd: dict) -> str:
+    """When two images count as near-duplicates, in words (the summary line and the gallery)."""
+    text = f"cosine >= {nd['threshold']:.2f}"
+    r = nd.get("pixel_rule")
+    if r:
+        text += f", or pixel hashes within {r['max_bits']}/{r['of_bits']} bits and cosine >= {r['min_cosine']:.2f}"
+    return text
+
+
 def format_audit(result: dict) -> str:
     """The terminal summary: counts per issue type and the top items of each."""
     li, nd, out = result["label_issues"], result["near_duplicates"], result["outliers"]
@@ -445,7 +508,8 @@ def format_audit(result: dict) -> str:
                  f"{100 * li['estimated_noise_rate']:.1f} %){'; by given label: ' + per if per else ''}")
     for r in li["top"]:
         lines.append(f"  quality {1 - r['score']:.3f}  {r['label']} -> {r['suggested']}  {r['path']}")
-    lines.append(f"near-duplicates (cosine >= {nd['threshold']:.2f}): {nd['n_pairs']} pairs in {nd['n_groups']} groups "
+    by_px = f", {nd['n_pixel_pairs']} of them by pixels" if nd.get("pixel_rule") else ""
+    lines.append(f"near-duplicates ({dup_rule_text(nd)}): {nd['n_pairs']} pairs{by_px} in {nd['n_groups']} groups "
                  f"({nd['n_images']} images); {nd['cross_label_groups']} groups with different labels, "
                  f"{nd['cross_split_groups']} across splits")
     for p in nd["top"]:

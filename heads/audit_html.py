@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from heads.audit import dup_rule_text
 from heads.report import CSS, _thumb
 
 AUDIT_CSS = CSS + """
@@ -74,7 +75,7 @@ written {time.strftime('%Y-%m-%d %H:%M')}. Click a thumbnail for the full image.
 <h2>Suspected label errors: {li['n']} <small>(cleanlab's estimated noise rate
 {100 * li['estimated_noise_rate']:.1f} %; {len(label_rows)} shown, lowest label quality first)</small></h2>
 {labels_html}
-<h2>Near-duplicates: {nd['n_groups']} groups <small>({nd['n_pairs']} pairs at cosine &ge; {nd['threshold']:.2f};
+<h2>Near-duplicates: {nd['n_groups']} groups <small>({nd['n_pairs']} pairs: {html.escape(dup_rule_text(nd))};
 {nd['cross_split_groups']} across splits, {nd['cross_label_groups']} with different labels, shown first;
 the outlined image is the one kept, the others are listed in the CSV)</small></h2>
 {dups_html}

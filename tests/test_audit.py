@@ -90,7 +90,8 @@ def test_audit_finds_planted_issues_and_writes_csv_json_html(tmp_path, env):
     assert out["near_duplicates"]["n_pairs"] == 1
     full = json.loads(Path(out["paths"]["json"]).read_text())
     assert len(full["rows"]) == len(rows) and full["near_duplicates"]["groups"][0]["max_cosine"] > 0.99
-    assert "suspected label errors: " in p.stdout and "near-duplicates (cosine >= 0.85): 1 pairs" in p.stdout
+    assert "suspected label errors: " in p.stdout and "near-duplicates (cosine >= 0.85, or pixel hashes within 24/255 " \
+        "bits and cosine >= 0.30): 1 pairs, 0 of them by pixels" in p.stdout
     page = Path(out["paths"]["html"]).read_text()
     assert page.count("data:image/jpeg;base64,") == len(rows) + 1  # the kept original is shown beside its copy
     assert str(root / roles["flipped"]) in page and "(image missing)" not in page and 'href="file://' in page
@@ -202,3 +203,63 @@ def test_python_api_audit_then_fit_without_the_flagged_images(tmp_path, monkeypa
     assert fit.summary["exclude"]["excluded"] == len({r["path"] for r in found.rows}) and fit.summary["n_train"] < 44
     with pytest.raises(fz.UserError, match=r"^dup_threshold must be in \(0.0, 1.0\]"):  # worded for Python
         fz.audit(root, cache=cache, dup_threshold=0)
+
+
+def pixel_planted(tmp_path):
+    """Photos-like images (smooth random layouts, 160 px) in 3 classes, plus a half-size quality-50 JPEG
+    copy of one whose vector moved as far as another image of its class: only its pixels tell."""
+    from PIL import Image
+
+    cache, root = tmp_path / "c", tmp_path / "data"
+    X, codes = blobs([8, 8, 8], dim=DIM, sep=6.0, seed=2)
+    rng = np.random.default_rng(3)
+    labels, rels = list(np.array(["a", "b", "c"])[codes]), []
+    for i, lab in enumerate(labels):
+        layout = Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).resize((160, 160), Image.BICUBIC)
+        rel = f"{lab}/img{i:02d}.png"
+        (root / lab).mkdir(parents=True, exist_ok=True)
+        layout.save(root / rel)
+        rels.append(rel)
+    with Image.open(root / rels[2]) as im:  # the copy: half size, re-encoded at JPEG quality 50
+        im.resize((80, 80), Image.BILINEAR).save(root / "a/copy.jpg", quality=50)
+    rels.append("a/copy.jpg")
+    labels.append("a")
+    X = np.vstack([X, 0.5 * X[2] + 0.5 * X[5]])  # its vector: halfway to another image of class a
+    hashes = [content_hash(root / r) for r in rels]
+    space = FeatureSpace(cache, SPACE)
+    space.create({"backbone": "tiny"}, DIM)
+    space.write_shard(hashes, X.astype(np.float32))
+    n = len(rels)
+    write_index(index_path(cache, root), DatasetIndex(
+        root=str(root), layout="folder", path=rels, label=labels, split=[""] * n, hash=hashes, size=[1] * n,
+        mtime_ns=[0] * n, status=["ok"] * n, extractions={SPACE: {"backbone": "tiny", "finished_at": time.time()}}))
+    return cache, root, rels
+
+
+def test_resized_recompressed_copy_is_found_by_its_pixels_not_its_embedding(tmp_path):
+    from featurize.layout import Cache
+    from heads.audit import DUP_THRESHOLD, PIXEL_FLOOR, audit, dup_rows
+    from heads.pixelhash import VERSION, load_store
+
+    cache, root, rels = pixel_planted(tmp_path)
+    U = dup_rows(FeatureSpace(cache, SPACE).load()[1])  # shard rows are in index order here
+    cos = float(U[2] @ U[-1])
+    assert PIXEL_FLOOR <= cos < DUP_THRESHOLD  # the embedding alone does not call them copies ...
+    alone = audit(cache, root, head="centroid", pixels=False)["near_duplicates"]
+    assert alone["n_pairs"] == 0 and alone["pixel_hashes"] is None
+    nd = audit(cache, root, head="centroid")["near_duplicates"]  # ... their pixels do
+    assert nd["n_pairs"] == nd["n_pixel_pairs"] == 1 and nd["n_groups"] == 1
+    top = nd["top"][0]
+    assert {top["path"], top["partner"]} == {rels[2], "a/copy.jpg"} and 0 <= top["pixel_bits"] <= 24
+    assert nd["groups"][0]["keep"] in (rels[2], "a/copy.jpg")
+    assert nd["pixel_hashes"]["computed"] == len(rels) and nd["pixel_hashes"]["missing"] == 0
+
+    # cached by content hash: a second audit decodes nothing; a file changed since extraction is skipped
+    store = load_store(Cache(cache).pixelhash_path(VERSION))
+    assert set(store) == {content_hash(root / r) for r in rels}
+    (root / "a/copy.jpg").write_bytes((root / "a/copy.jpg").read_bytes() + b"\0")
+    nd = audit(cache, root, head="centroid")["near_duplicates"]
+    assert nd["pixel_hashes"] == {**nd["pixel_hashes"], "computed": 0, "cached": len(rels), "missing": 0}
+    (Cache(cache).pixelhash_path(VERSION)).unlink()
+    nd = audit(cache, root, head="centroid")["near_duplicates"]
+    assert nd["pixel_hashes"]["missing"] == 1 and nd["n_pairs"] == 0  # its bytes no longer match its vector
