@@ -382,6 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
+    except OSError as e:  # a full disk while fit/report/predict writes: one line, like a UserError
+        from featurize.errors import DISK_FULL, disk_full_error
+
+        if e.errno not in DISK_FULL:
+            raise
+        e = disk_full_error(_cache(args) if hasattr(args, "cache") else ".", e)
+        print(f"Error: {e}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(e)}))
+        return 1
     except UserError as e:
         print(f"Error: {e}", file=sys.stderr)
         if getattr(args, "json", False):

@@ -21,12 +21,14 @@ This module must not import torch: ``heads`` reads the cache through it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import sys
 import time
@@ -135,8 +137,24 @@ def fault_point(name: str) -> None:
 _FAULT_COUNTS: dict[str, int] = {}
 
 
-def _atomic_h5(final: Path, fill, kind: str) -> None:
-    """Write an HDF5 file via ``fill(h5file)`` under a temp name, then rename it into place."""
+def _ensure_space(folder: Path, nbytes: int) -> None:
+    """Raise ``OSError(ENOSPC)`` before HDF5 starts a file the disk cannot hold.
+
+    HDF5 does not recover from a failed write: the file can no longer be closed and the
+    process segfaulted at exit (2 runs in 5 on a full disk). Checked with room to spare for
+    HDF5's own metadata; a plain ``OSError`` is what callers turn into one line."""
+    free = shutil.disk_usage(folder).free
+    if free < nbytes * 1.2 + (32 << 10):
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free, about {nbytes} needed)",
+                      str(folder))
+
+
+def _atomic_h5(final: Path, fill, kind: str, nbytes: int = 0) -> None:
+    """Write an HDF5 file via ``fill(h5file)`` under a temp name, then rename it into place.
+
+    ``nbytes`` is what the file will hold, checked against the free space first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _ensure_space(final.parent, nbytes)
     with replacing(final, before_rename=lambda: fault_point(f"{kind}_tmp_written")) as tmp:
         with h5py.File(tmp, "w") as f:
             fill(f)
@@ -366,7 +384,7 @@ class FeatureSpace:
             f.create_dataset("emb", data=emb)  # contiguous: shards are written once, read whole
 
         path = self.folder / name
-        _atomic_h5(path, fill, "shard")
+        _atomic_h5(path, fill, "shard", hashes.nbytes + emb.nbytes)
         fault_point("shard_written")
         return path
 
@@ -477,7 +495,7 @@ class FeatureSpace:
             f.attrs["crc32"] = crc
 
         merged = self.folder / name
-        _atomic_h5(merged, fill, "shard")
+        _atomic_h5(merged, fill, "shard", len(hashes) * (hashes.itemsize + 4 * dim))
         fault_point("shard_written")
         fault_point("compact_merged")
         for p in paths:
@@ -635,7 +653,9 @@ def write_index(path: Path, index: DatasetIndex) -> None:
         f.create_dataset("size", data=np.array(index.size, dtype=np.int64))
         f.create_dataset("mtime_ns", data=np.array(index.mtime_ns, dtype=np.int64))
 
-    _atomic_h5(path, fill, "index")
+    # vlen strings: their bytes plus a heap entry each; 8 bytes each for hash size and mtime
+    nbytes = sum(len(x) + 16 for name in ("path", "label", "split", "status") for x in getattr(index, name))
+    _atomic_h5(path, fill, "index", nbytes + len(index.hash) * 48)
     fault_point("index_written")
 
 

@@ -8,7 +8,10 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import re
+import shutil
 
 
 class UserError(Exception):
@@ -75,3 +78,20 @@ def python_errors():
         yield
     except UserError as e:
         raise type(e)(python_wording(str(e)), e.details) from None
+
+
+#: errno values that mean the disk (or the user's quota, or the file size limit) is full.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_error(folder, err: OSError, need_bytes: int = 0) -> UserError:
+    """The one line for a full disk: where, how much is free, how much more is needed."""
+    folder = os.fspath(folder)
+    try:
+        free = shutil.disk_usage(folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))).free
+    except OSError:
+        free = 0
+    need_mb = max(1, -(-int(need_bytes * 1.2 + 2**20) // 2**20))  # with room for HDF5's metadata
+    what = os.strerror(err.errno).lower() if err.errno else "no space left"
+    return UserError(f"{what} on the disk of {folder} ({free / 2**20:.1f} MB free); free {need_mb} MB or more, or "
+                     "use --cache elsewhere, then re-run: the work saved so far is kept")

@@ -22,7 +22,7 @@ import numpy as np
 from featurize import CallableModule, __version__, enginestore, fastdecode, fastpath
 from featurize import cache as fc
 from featurize.dataset import scan
-from featurize.errors import Interrupted, UserError
+from featurize.errors import DISK_FULL, Interrupted, UserError, disk_full_error
 from featurize.options import check_batch_size, check_cache_dir, check_engine, resolve_workers
 from featurize.registry import PACKAGED_WEIGHTS
 
@@ -176,13 +176,26 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
     ``UserError`` for a missing/empty folder, bad options or a concurrent run; per-file
     problems are recorded in the index and counted, never raised. On Ctrl-C the work done
     is saved and ``featurize.errors.Interrupted`` (a ``KeyboardInterrupt``) is raised; its
-    message says what was saved and how to resume (the CLI prints it as one line).
+    message says what was saved and how to resume (the CLI prints it as one line). A full
+    disk is a ``UserError`` too: every finished shard is kept and the next run resumes.
 
     ``ray`` (``local``, ``auto`` or a cluster address) runs the reader -> model stage on Ray
     Data (``featurize.distributed``); everything else is the same code.
     """
-    t_start = time.perf_counter()
     cache_dir = fc.default_cache_dir() if cache_dir is None else cache_dir
+    need: dict = {}
+    try:
+        return _extract(data, cache_dir, backbone, weights, batch_size, workers, device, precision, engine, wait,
+                        progress, ray, workers_per_node, gpus_per_worker, need)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(cache_dir, e, need.get("bytes", 0)) from None
+        raise
+
+
+def _extract(data, cache_dir, backbone, weights, batch_size, workers, device, precision, engine, wait, progress,
+             ray, workers_per_node, gpus_per_worker, need: dict) -> dict:
+    t_start = time.perf_counter()
     check_cache_dir(cache_dir)
     check_batch_size(batch_size)
     resolve_workers(workers)  # checked before any work
@@ -199,6 +212,7 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
     seconds["scan"] = time.perf_counter() - t
     ipath = fc.index_path(cache_dir, sc.root)
     with fc.CacheLock(fc.Cache.lock_path(ipath), wait=wait):
+        fc.remove_dead_temp_files(ipath.parent)  # an index being written by a run that died (disk full)
         old = None
         t = time.perf_counter()
         if ipath.exists():
@@ -263,6 +277,8 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
         n_workers = (fastpath.cpu_cores() if lean else resolve_workers(None)) if workers is None \
             else resolve_workers(workers)
         pipe_s = 0.0  # decode -> model -> write wall time (the model already loaded)
+        dim = int(lean.record["dim"]) if lean else ex.backbone.dim if ex is not None else 0
+        need["bytes"] = 2 * len(todo or ()) * dim * 4 + 64 * len(sc.entries)  # shards + their merge + index
         if todo:
             run = fastpath.run_lean if lean else rp.run if rp else run_pipeline
             t, load_before = time.perf_counter(), seconds["load_model"]

@@ -123,3 +123,34 @@ def test_readers_never_race_a_compaction(tmp_path):
         loads += 1
     written = int(writer.communicate(timeout=60)[0])
     assert loads > 20 and len(space.load()[0]) == written
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (needs root and a kernel that lets it mount; skipped otherwise)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_is_one_line_keeps_finished_shards_and_resumes(small_disk, tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=60)
+    cache = small_disk / "cache"
+    filler = small_disk / "filler"
+    subprocess.run(["fallocate", "-l", f"{3072 - 100}k", str(filler)], check=True)
+    (cache / "datasets").mkdir(parents=True)
+    dead = cache / "datasets" / ".d-00000000.h5.tmp-999999"  # an index a dead writer left (pid 999999)
+    dead.write_bytes(b"x")
+    args = ("extract", data, "--backbone", "tiny", "--workers", "0", "--cache", cache, "--no-progress")
+    p = run_cli(*args, env={"FEATURIZE_SHARD_ROWS": "8"})
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith("Error: no space left on device on the disk of") and len(p.stderr.splitlines()) == 1
+    assert not dead.exists()
+    kept = list(cache.glob("features/*/*.h5"))
+    assert kept and not list(cache.rglob(".*tmp*"))  # finished shards kept, no half-written file
+    filler.unlink()
+    s = json.loads(run_cli(*args, "--json", check=0).stdout.strip().splitlines()[-1])
+    assert s["ok"] == 120 and s["embedded"] < 120  # resumed: the kept shards were not embedded again
