@@ -43,6 +43,7 @@ from featurize.backbones import PRECISIONS, Backbone, get_backbone, resolve_devi
 from featurize.errors import Interrupted, UserError
 from featurize.files import replacing, write_text
 from featurize.images import ImageError, read_image
+from featurize.layout import latest_run_dir, next_run_dir  # noqa: F401  (re-exported)
 from featurize.loading import make_loader, reader
 from featurize.options import check_batch_size, check_out_dir, check_seed, int_at_least, number_in, resolve_workers
 from featurize.pipeline import tune_allocator
@@ -352,22 +353,6 @@ def _load_tensors(path: Path) -> dict:
 
 def _write_json(path: Path, obj: dict) -> None:
     write_text(path, json.dumps(obj, indent=1, default=str))
-
-
-def next_run_dir(runs: str | os.PathLike = "runs") -> Path:
-    """``runs/ft-NNN`` with the next free number."""
-    runs = Path(runs)
-    nums = [int(m.group(1)) for p in runs.glob("ft-*") if (m := re.fullmatch(r"ft-(\d+)", p.name))]
-    return runs / f"ft-{max(nums, default=0) + 1:03d}"
-
-
-def latest_run_dir(runs: str | os.PathLike = "runs") -> Path:
-    """The highest-numbered ``runs/ft-NNN`` that has run metadata; ``UserError`` if none."""
-    found = sorted((p for p in Path(runs).glob("ft-*") if (p / RUN_META).is_file()),
-                   key=lambda p: int(p.name[3:]) if p.name[3:].isdigit() else -1)
-    if not found:
-        raise UserError(f"no fine-tuning run in {runs}/ to resume; start one with `finetune`")
-    return found[-1]
 
 
 def _save_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -7,6 +7,8 @@
                                                        user: featurize.enginestore, engine_store_dir())
     heads/<folder>-<hash>/<space_id>/<head>.joblib     heads saved by `fit` (+ .json sidecar)
     reports/compare-<folder>-<hash>.csv|.json          `compare` leaderboards
+
+and, outside the cache (in the working directory), fine-tuning runs: ``runs/ft-NNN/``.
     reports/audit-<folder>-<hash>.csv|.json|.html      `audit` findings
     reports/pixelhash-v<version>.npz                   perceptual hashes by content hash (`audit`)
 
@@ -21,6 +23,9 @@ import hashlib
 import os
 import re
 from pathlib import Path
+
+from featurize.errors import UserError
+from featurize.registry import RUN_META
 
 
 def default_cache_dir() -> Path:
@@ -155,3 +160,21 @@ class Cache(os.PathLike):
     def pixelhash_path(self, version: int) -> Path:
         """``reports/pixelhash-v<version>.npz``: the audit's perceptual hashes, keyed by content hash."""
         return self.reports_dir / f"pixelhash-v{version}.npz"
+
+# --------------------------------------------------------------------------- fine-tuning runs (./runs)
+
+
+def next_run_dir(runs: str | os.PathLike = "runs") -> Path:
+    """``runs/ft-NNN`` with the next free number."""
+    runs = Path(runs)
+    nums = [int(m.group(1)) for p in runs.glob("ft-*") if (m := re.fullmatch(r"ft-(\d+)", p.name))]
+    return runs / f"ft-{max(nums, default=0) + 1:03d}"
+
+
+def latest_run_dir(runs: str | os.PathLike = "runs") -> Path:
+    """The highest-numbered ``runs/ft-NNN`` that has run metadata; ``UserError`` if none."""
+    found = sorted((p for p in Path(runs).glob("ft-*") if (p / RUN_META).is_file()),
+                   key=lambda p: int(p.name[3:]) if p.name[3:].isdigit() else -1)
+    if not found:
+        raise UserError(f"no fine-tuning run in {runs}/ to resume; start one with `finetune`")
+    return found[-1]

@@ -18,7 +18,7 @@ import sys
 import time
 
 from featurize.errors import UserError
-from featurize.layout import Cache
+from featurize.layout import Cache, latest_run_dir, next_run_dir
 from featurize.registry import is_run_folder
 
 # --------------------------------------------------------------------------- predict
@@ -168,7 +168,7 @@ def finetune(cache=None, data=None, backbone=None, *, probe=None, out=None, resu
     from featurize import finetune as ft
 
     if resume:
-        return ft.train(ft.latest_run_dir() if resume == "latest" else resume, log=log)
+        return ft.train(latest_run_dir() if resume == "latest" else resume, log=log)
     from featurize.cache import find_index, load_features, resolve_space
 
     cache = Cache.of(cache)
@@ -185,7 +185,7 @@ def finetune(cache=None, data=None, backbone=None, *, probe=None, out=None, resu
                      class_weight="keep" if asked == "keep" else cfg.class_weight) if cfg.init == "probe" else None
     if init is not None and asked == "keep":
         cfg.class_weight = init["class_weight"]
-    run = ft.start_run(plan, space.info(), cfg, out or ft.next_run_dir(), init)
+    run = ft.start_run(plan, space.info(), cfg, out or next_run_dir(), init)
     return ft.train(run, log=log)
 
 
