@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from featurize.errors import UserError
+from heads.audit_html import dup_rule_text  # the summary line and the gallery state the rule alike
 
 DUP_THRESHOLD = 0.85  # cosine on power-normalised, centred embeddings; calibration in benchmarks/RESULTS_audit.md
 PIXEL_BITS = 24  # of the 255-bit pHash: copies differ in <= 22, the closest different chest X-rays in 38
@@ -486,15 +487,6 @@ def write_audit(result: dict, stem) -> dict:
         w.writerows([{c: r.get(c, "") for c in CSV_COLUMNS} for r in result["rows"]])
     json_path.write_text(json.dumps(result, indent=1, default=str))
     return {"csv": str(csv_path), "json": str(json_path)}
-
-
-def dup_rule_text(nd: dict) -> str:
-    """When two images count as near-duplicates, in words (the summary line and the gallery)."""
-    text = f"cosine >= {nd['threshold']:.2f}"
-    r = nd.get("pixel_rule")
-    if r:
-        text += f", or pixel hashes within {r['max_bits']}/{r['of_bits']} bits and cosine >= {r['min_cosine']:.2f}"
-    return text
 
 
 def format_audit(result: dict) -> str:

@@ -11,13 +11,21 @@ import os
 import time
 from pathlib import Path
 
-from heads.audit import dup_rule_text
 from heads.report import CSS, _thumb
 
 AUDIT_CSS = CSS + """
 .grp{border:1px solid #ccc;border-radius:6px;padding:8px;margin:0 0 12px;display:inline-block;vertical-align:top}
 .grp .g{flex-wrap:nowrap}.flag{background:#b00;color:#fff;border-radius:3px;padding:0 5px;font-size:12px;margin-right:4px}
 .keep{outline:3px solid #2a7}figure{width:170px;word-break:normal}figcaption{margin-top:3px}figcaption .meta{word-break:break-all}h2 small{color:#555;font-weight:normal}"""
+
+
+def dup_rule_text(nd: dict) -> str:
+    """When two images count as near-duplicates, in words (the summary line and the gallery)."""
+    text = f"cosine >= {nd['threshold']:.2f}"
+    r = nd.get("pixel_rule")
+    if r:
+        text += f", or pixel hashes within {r['max_bits']}/{r['of_bits']} bits and cosine >= {r['min_cosine']:.2f}"
+    return text
 
 
 def _card(root: str, path: str, caption: str, keep: bool = False) -> str:
