@@ -83,6 +83,19 @@ def draft_for(im: Image.Image, resize: int) -> None:
         im.draft(None, (DRAFT_MARGIN * tw, DRAFT_MARGIN * th))  # picks the largest scale >= this size
 
 
+def scales_down(data: bytes, preprocess: dict) -> bool:
+    """True for a JPEG that libjpeg decodes DCT-downscaled for ``preprocess`` (at least 4x its
+    resize target in both directions), when this module reproduces ``preprocess``."""
+    if data[:2] != b"\xff\xd8" or not supports(preprocess):
+        return False
+    try:
+        with _open(data) as im:
+            tw, th = resized_size(*im.size, int(preprocess["resize"]))
+            return im.format == "JPEG" and im.size[0] >= 2 * DRAFT_MARGIN * tw and im.size[1] >= 2 * DRAFT_MARGIN * th
+    except DecodeError:
+        return False
+
+
 def decode_rgb(data: bytes, resize: int) -> tuple[Image.Image, tuple[int, int]]:
     """Decode to an RGB Pillow image (DCT-downscaled when large), EXIF orientation applied.
 

@@ -16,8 +16,25 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from featurize.images import ImageError, Preprocess, read_image
+from featurize import fastdecode
+from featurize.images import ImageError, Preprocess, decode_bytes, read_bytes
 from featurize.options import resolve_workers
+
+
+def decode_for_model(path: str, preprocess: Preprocess) -> torch.Tensor:
+    """Read, decode and preprocess one file to a (3, crop, crop) uint8 tensor.
+
+    A JPEG much larger than the network's input goes through ``featurize.fastdecode`` (libjpeg's
+    DCT-domain downscaling, the bomb rule on the decoded size), as on the torch-free path; every
+    other file through ``featurize.images``. Raises ``ImageError`` with the reason.
+    """
+    data = read_bytes(path)
+    if fastdecode.scales_down(data, preprocess.config()):
+        try:
+            return torch.from_numpy(fastdecode.preprocess_bytes(data, preprocess.config()))
+        except fastdecode.DecodeError as e:
+            raise ImageError(str(e)) from None
+    return preprocess(decode_bytes(data))
 
 
 class ImageReader(Dataset):
@@ -32,7 +49,7 @@ class ImageReader(Dataset):
     def __getitem__(self, i: int):
         t = time.perf_counter()
         try:
-            img = self.preprocess(read_image(self.paths[i]))
+            img = decode_for_model(self.paths[i], self.preprocess)
             return i, img, "", time.perf_counter() - t
         except ImageError as e:
             return i, None, str(e), time.perf_counter() - t

@@ -175,3 +175,25 @@ def test_bomb_rule_bounds_the_decoded_size(tmp_path, monkeypatch):
     Image.new("RGB", (1600, 1200)).save(png)
     with pytest.raises(fastdecode.DecodeError, match="decompression bomb"):
         fastdecode.read_preprocessed(str(png), pp)
+
+
+def test_first_run_torch_path_scales_large_jpegs_the_same_way(tmp_path, monkeypatch):
+    """The torch pipeline (a machine's first run) sends large JPEGs through the same DCT-scaled
+    decode and bomb rule as the torch-free path: same pixels, and not refused."""
+    from PIL import Image
+
+    from featurize import fastdecode, images
+    from featurize.backbones import get_backbone
+    from featurize.loading import decode_for_model
+
+    monkeypatch.setattr(fastdecode, "MAX_PIXELS", 1_000_000)
+    monkeypatch.setattr(images, "MAX_PIXELS", 1_000_000)
+    pp = get_backbone("tiny").preprocess
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big.jpg"
+    Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).resize((1600, 1200)).save(big)
+    got = decode_for_model(str(big), pp)
+    assert tuple(got.shape) == (3, pp.crop, pp.crop)
+    np.testing.assert_array_equal(got.numpy(), fastdecode.read_preprocessed(str(big), pp.config()))
+    with pytest.raises(images.ImageError, match="decompression bomb"):
+        images.read_image(str(big))  # what the torch path did with it before
