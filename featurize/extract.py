@@ -455,6 +455,9 @@ def embed_paths(paths: list[str], space_id: str, cache_dir=None, batch_size: int
     info = space.info()
 
     def build():
+        lean = fastpath.lean_for_space(cache_dir, space_id, device)  # stored engine: no torch
+        if lean is not None:
+            return lean
         from featurize.pipeline import build_extractor
 
         how = info.get("build", {})
@@ -480,12 +483,16 @@ def embed_files(space: fc.FeatureSpace, paths: list[str], build, batch_size: int
     found = space.vectors_for(hashes)
     todo = list({h: p for p, h in hashes.items() if p not in found}.items())  # one file per new hash
     if todo:
-        from featurize.pipeline import run_pipeline, tune_allocator
-
-        tune_allocator()
         ex = build()
+        if isinstance(ex, fastpath.LeanExtractor):
+            run = fastpath.run_lean
+        else:
+            from featurize.pipeline import run_pipeline, tune_allocator
+
+            tune_allocator()
+            run = run_pipeline
         failed: dict[str, str] = {}
-        run_pipeline(ex, todo, batch_size, resolve_workers(workers), {}, False, failed.__setitem__)
+        run(ex, todo, batch_size, resolve_workers(workers), {}, False, failed.__setitem__)
         errors += [(p, failed[h]) for p, h in hashes.items() if h in failed]
         found.update(space.vectors_for({p: h for p, h in hashes.items() if p not in found and h not in failed}))
     return found, errors

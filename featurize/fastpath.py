@@ -89,6 +89,24 @@ def lean_extractor(cache_dir, key: dict, engine: str) -> LeanExtractor | None:
     return LeanExtractor(space, rec, folder, cpu_cores())
 
 
+def lean_for_space(cache_dir, space_id: str, device: str = "auto") -> LeanExtractor | None:
+    """The torch-free extractor for an existing feature space (``predict`` of new images) when the
+    store holds its OpenVINO engine and it would run on this CPU; else None (the full path)."""
+    if device not in ("auto", "cpu") or enginestore.openvino_version() is None:
+        return None
+    if device == "auto" and enginestore.host()["nvidia"]:  # auto would pick the GPU
+        return None
+    space = fc.FeatureSpace(cache_dir, space_id)
+    info = space.info()
+    folder = enginestore.engine_dir(space_id)
+    if info.get("precision") not in ("fp32", "bf16") or not fastdecode.supports(info.get("preprocess", {})) \
+            or not enginestore.is_complete(folder):
+        return None
+    record = {"space_id": space_id, "space": info, "engine": "openvino", "precision": info["precision"],
+              "device": "cpu", "backbone": info.get("backbone"), "dim": int(info["dim"])}
+    return LeanExtractor(space, record, folder, cpu_cores())
+
+
 def drive(engine, batches, todo: list[tuple[str, str]], writer, seconds: dict, bar, on_error) -> None:
     """Feed decoded ``batches`` through ``engine.map`` into ``writer`` (rows keyed by ``todo``'s hashes).
 

@@ -5,6 +5,7 @@ of today's decode path, and a folder of non-images failing before any model load
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,18 @@ def test_stored_engine_serves_every_cache_without_torch(tmp_path, engine_store, 
     keys = sorted(a)
     cos = engines.cosine_rows(np.stack([a[k] for k in keys]), np.stack([b[k] for k in keys]))
     assert cos.min() >= 0.999, cos.round(5)
+
+    # predict of a new photo with a head fit on those vectors embeds it on the stored engine, torch-free too.
+    env = {"FEATURIZE_HOME": str(tmp_path / "home")}
+    run_cli("fit", "--head", "centroid", "--cache", tmp_path / "b", env=env, check=0)
+    new = make_dataset(tmp_path / "new", classes=("cat",), per_class=1, seed=99) / "cat" / "0.jpg"
+    script = ("import sys, cli\nrc = cli.main(sys.argv[1:])\n"
+              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\nsys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", script, "predict", str(new), "--head", "centroid", "--cache",
+                        str(tmp_path / "b")], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, **env})
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == "NO-TORCH", p.stderr[-2000:]
+    assert "0.jpg" in p.stdout
 
     # The full (torch) path with a request the store has not seen loads the stored engine: no second conversion.
     monkeypatch.setattr(engines.OpenVINOEngine, "_convert", lambda self: pytest.fail("converted again"))
