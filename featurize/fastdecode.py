@@ -59,13 +59,16 @@ def _reason(e: Exception, what: str) -> DecodeError:
     return DecodeError(f"{what} ({type(e).__name__}: {e})")
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(src) -> Image.Image:
+    """Open encoded bytes or a binary file (Pillow reads only the header until the image is loaded)."""
     import io
 
-    if not data:
-        raise DecodeError("empty file (0 bytes)")
+    if isinstance(src, (bytes, bytearray)):
+        if not src:
+            raise DecodeError("empty file (0 bytes)")
+        src = io.BytesIO(src)
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(src)
     except Image.DecompressionBombError as e:
         raise DecodeError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
@@ -96,8 +99,9 @@ def scales_down(data: bytes, preprocess: dict) -> bool:
         return False
 
 
-def decode_rgb(data: bytes, resize: int) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode to an RGB Pillow image (DCT-downscaled when large), EXIF orientation applied.
+def decode_rgb(data, resize: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode bytes or a binary file to an RGB Pillow image (DCT-downscaled when large), EXIF
+    orientation applied.
 
     Returns the image and the full-resolution size after orientation (what the resize target
     is computed from). Raises ``DecodeError`` with a reason fit for a status column.
@@ -123,8 +127,9 @@ def decode_rgb(data: bytes, resize: int) -> tuple[Image.Image, tuple[int, int]]:
             raise _reason(e, "cannot decode") from None
 
 
-def preprocess_bytes(data: bytes, preprocess: dict) -> np.ndarray:
-    """Encoded bytes -> (3, crop, crop) uint8: decode, shorter side to ``resize``, centre crop."""
+def preprocess_bytes(data, preprocess: dict) -> np.ndarray:
+    """Encoded bytes (or a binary file) -> (3, crop, crop) uint8: decode, shorter side to
+    ``resize``, centre crop."""
     resize, crop = int(preprocess["resize"]), int(preprocess["crop"])
     im, full = decode_rgb(data, resize)
     tw, th = resized_size(*full, resize)
@@ -133,8 +138,9 @@ def preprocess_bytes(data: bytes, preprocess: dict) -> np.ndarray:
         arr = np.asarray(im)[top:top + crop, left:left + crop]
     else:
         # Resize only the crop window: Pillow computes each output pixel from the same filter taps
-        # as a whole resize followed by the crop (same pixels, up to rounding), at 1/3 of the work
-        # on a 3:2 photo.
+        # as a whole resize followed by the crop, at 1/3 of the work on a 3:2 photo. It takes the
+        # box in single precision, so a few pixels differ by 1 (per-image cosine >= 0.9993 on the
+        # 1,000 flowers, bf16 engine).
         sx, sy = im.size[0] / tw, im.size[1] / th
         box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
         arr = np.asarray(im.resize((crop, crop), _RESAMPLE[preprocess["interpolation"]], box=box))
