@@ -96,6 +96,11 @@ class Cache(os.PathLike):
         return self.datasets_dir / f"{dataset_key(data)}.h5"
 
     @staticmethod
+    def of_index(index_path: str | os.PathLike) -> "Cache":
+        """The cache a dataset index file (``<cache>/datasets/<key>.h5``) belongs to."""
+        return Cache(Path(index_path).parent.parent)
+
+    @staticmethod
     def lock_path(index_path: str | os.PathLike) -> Path:
         return Path(index_path).with_suffix(".lock")
 

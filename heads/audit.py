@@ -290,11 +290,12 @@ def duplicate_groups(pairs, sims, labels, splits) -> list[dict]:
     return out
 
 
-def split_leaks(X, splits, train_mask=None, threshold: float = DUP_THRESHOLD):
+def split_leaks(X, splits, train_mask=None, threshold: float = DUP_THRESHOLD, pixels: PixelHashes | None = None):
     """Held-out rows (val/test) with a near-duplicate among the training rows.
 
-    Takes the features, split names and an optional mask of the training rows actually
-    used (``--exclude`` removes some). Returns ``[(held-out row, train row, cosine)]``,
+    Takes the features, split names, an optional mask of the training rows actually
+    used (``--exclude`` removes some) and optional pixel hashes of the rows (the audit's rule:
+    close hashes count from ``pixels.floor``). Returns ``[(held-out row, train row, cosine)]``,
     one per held-out row, most similar first.
     """
     splits = np.asarray(splits).astype(str)
@@ -304,7 +305,11 @@ def split_leaks(X, splits, train_mask=None, threshold: float = DUP_THRESHOLD):
         return []
     tr = np.flatnonzero(train)
     U = dup_rows(X)  # centred on every row, as in `audit`
-    pairs, sims, _ = similarity_pass(U[held], threshold, 0, ref=U[tr])
+    pairs, sims, _ = similarity_pass(U[held], threshold if pixels is None else min(threshold, pixels.floor), 0,
+                                     ref=U[tr])
+    if pixels is not None:
+        keep = (sims >= threshold) | pixels.close(held[pairs[:, 0]], tr[pairs[:, 1]])
+        pairs, sims = pairs[keep], sims[keep]
     seen, out = set(), []
     for (a, b), s in zip(pairs.tolist(), sims.tolist()):
         if a not in seen:
@@ -319,8 +324,8 @@ def leak_warning(leaks, paths, n_held: int) -> str | None:
         return None
     h, t, s = leaks[0]
     return (f"warning: {len(leaks)} of {n_held} held-out images have a near-duplicate in train (cosine >= "
-            f"{DUP_THRESHOLD:.2f}), e.g. {paths[h]} ~ {paths[t]} ({s:.3f}); held-out scores are inflated: run "
-            "`audit` for the list, `fit --exclude` it")
+            f"{DUP_THRESHOLD:.2f} or the same pixels), e.g. {paths[h]} ~ {paths[t]} ({s:.3f}); held-out scores are "
+            "inflated: run `audit` for the list, `fit --exclude` it")
 
 
 # --------------------------------------------------------------------------- outliers and novelty
@@ -371,14 +376,15 @@ def novelty_for(cache_dir, meta: dict) -> Novelty | None:
 # --------------------------------------------------------------------------- the audit
 
 
-def pixel_hashes(cache_dir, lf) -> tuple[PixelHashes, dict]:
-    """The perceptual hashes of the loaded rows (cached by content hash) and the pass's stats."""
+def pixel_hashes(cache_dir, lf, compute: bool = True) -> tuple[PixelHashes, dict]:
+    """The perceptual hashes of the loaded rows (cached by content hash) and the pass's stats;
+    ``compute=False`` reads only the cached ones (no image is decoded)."""
     from featurize.cache import read_index
     from heads.pixelhash import dataset_hashes
 
     index = read_index(lf.index_path)
     key = {p: h for p, h, st in zip(index.path, index.hash, index.status) if st == "ok"}
-    codes, has, stats = dataset_hashes(cache_dir, lf.root, lf.paths, [key.get(p, "") for p in lf.paths])
+    codes, has, stats = dataset_hashes(cache_dir, lf.root, lf.paths, [key.get(p, "") for p in lf.paths], compute)
     return PixelHashes(codes, has), stats
 
 
@@ -618,8 +624,13 @@ def warn_leaks(lf, drop=None) -> int:
 
     if not has_split(lf.splits):
         return 0
+    from featurize.layout import Cache
+
     train = np.asarray(lf.splits) == "train"
-    leaks = split_leaks(lf.X, lf.splits, train if drop is None else train & ~drop)
+    # the pixel hashes an earlier `audit` cached (fit decodes no image): its copies warn here too
+    pixels, _ = pixel_hashes(Cache.of_index(lf.index_path), lf, compute=False)
+    leaks = split_leaks(lf.X, lf.splits, train if drop is None else train & ~drop,
+                        pixels=pixels if pixels.has.any() else None)
     line = leak_warning(leaks, lf.paths, int(np.isin(lf.splits, ("val", "test")).sum()))
     if line:
         print(line, file=sys.stderr)

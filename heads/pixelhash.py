@@ -115,8 +115,8 @@ def save_store(path: Path, store: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def dataset_hashes(cache_dir, root: str, paths, content_hashes) -> tuple[np.ndarray, np.ndarray, dict]:
-    """pHashes of a dataset's rows, computing only those not cached yet.
+def dataset_hashes(cache_dir, root: str, paths, content_hashes, compute: bool = True):
+    """pHashes of a dataset's rows, computing only those not cached yet (none when ``compute`` is False).
 
     Takes the cache dir, the dataset root, the rows' root-relative paths and content hashes.
     Returns ``(phash uint64 (n, WORDS), has (n,) bool, stats)``: rows whose file is gone, changed or
@@ -134,7 +134,7 @@ def dataset_hashes(cache_dir, root: str, paths, content_hashes) -> tuple[np.ndar
     for i, (rel, h) in enumerate(zip(paths, content_hashes)):
         v = store.get(h)
         if v is None:
-            v = hash_file(os.path.join(root, rel), h)
+            v = hash_file(os.path.join(root, rel), h) if compute else None
             if v is None:
                 continue
             store[h] = v
@@ -144,6 +144,6 @@ def dataset_hashes(cache_dir, root: str, paths, content_hashes) -> tuple[np.ndar
         try:
             save_store(store_path, store)
         except OSError:
-            pass  # a read-only cache: hashed again next time, nothing lost
+            pass  # a read-only cache: hashed again next time, nothing lost (two audits at once: the last write wins)
     return out, has, {"computed": computed, "cached": int(has.sum()) - computed, "missing": int((~has).sum()),
                       "seconds": round(time.perf_counter() - t0, 3)}

@@ -236,10 +236,13 @@ def pixel_planted(tmp_path):
     return cache, root, rels
 
 
-def test_resized_recompressed_copy_is_found_by_its_pixels_not_its_embedding(tmp_path):
+def test_resized_recompressed_copy_is_found_by_its_pixels_not_its_embedding(tmp_path, capsys):
+    from dataclasses import replace
+
     from featurize.layout import Cache
-    from heads.audit import DUP_THRESHOLD, PIXEL_FLOOR, audit, dup_rows
+    from heads.audit import DUP_THRESHOLD, PIXEL_FLOOR, audit, dup_rows, warn_leaks
     from heads.pixelhash import VERSION, load_store
+    from heads.protocol import load_labelled
 
     cache, root, rels = pixel_planted(tmp_path)
     U = dup_rows(FeatureSpace(cache, SPACE).load()[1])  # shard rows are in index order here
@@ -254,6 +257,11 @@ def test_resized_recompressed_copy_is_found_by_its_pixels_not_its_embedding(tmp_
     assert nd["groups"][0]["keep"] in (rels[2], "a/copy.jpg")
     assert nd["pixel_hashes"]["computed"] == len(rels) and nd["pixel_hashes"]["missing"] == 0
 
+    # fit's leak warning reads the hashes audit cached: the copy in test, its original in train
+    lf = load_labelled(cache, root)
+    lf = replace(lf, splits=np.where(lf.paths == "a/copy.jpg", "test", "train"))
+    assert warn_leaks(lf) == 1 and "1 of 1 held-out images have a near-duplicate in train" in capsys.readouterr().err
+
     # cached by content hash: a second audit decodes nothing; a file changed since extraction is skipped
     store = load_store(Cache(cache).pixelhash_path(VERSION))
     assert set(store) == {content_hash(root / r) for r in rels}
@@ -263,3 +271,4 @@ def test_resized_recompressed_copy_is_found_by_its_pixels_not_its_embedding(tmp_
     (Cache(cache).pixelhash_path(VERSION)).unlink()
     nd = audit(cache, root, head="centroid")["near_duplicates"]
     assert nd["pixel_hashes"]["missing"] == 1 and nd["n_pairs"] == 0  # its bytes no longer match its vector
+    assert warn_leaks(lf) == 0  # nor does fit count it
