@@ -10,9 +10,9 @@ Why vectors come back to the driver instead of each worker writing shards on sha
 the crash story stays the local one (only the driver writes; a ``kill -9`` of it loses at most
 the shard being filled, the next run deletes its temp files and re-embeds the rest), the cache
 needs to be reachable by the driver only, and one writer is not the limit: it takes about
-30,000 vectors/s at D = 1,280 (``benchmarks/RESULTS_scale.md``), the output of some fifteen
-GPUs at 2,000 img/s each. Past that, workers could write their own shards (the cache's shard
-names are unique per writer and need no coordination); not needed yet.
+27,000 vectors/s at D = 1,280 on a shared 2-core machine (``benchmarks/RESULTS_scale.md``), the
+output of some thirteen GPUs at 2,000 img/s each. Past that, workers could write their own shards
+(the cache's shard names are unique per writer and need no coordination); not needed yet.
 
 Workers use the same backbone, preprocessing and engines as a local run (an actor refuses
 to start if its feature-space id differs from the driver's), so the vectors land in the same
@@ -38,7 +38,7 @@ from featurize import cache as fc
 from featurize.errors import UserError
 
 #: the distribution's name on PyPI, ``[project] name`` in pyproject.toml (a test keeps the two equal)
-DISTRIBUTION = "featurize"
+DISTRIBUTION = "featurize-images"
 
 
 def install_hint() -> str:
@@ -167,7 +167,7 @@ class RayPipeline:
                  "weights": os.path.realpath(weights) if weights else None}
         space.create({**config, "build": build, "dim": bb.dim}, bb.dim)
         self.spec = {"backbone": build["backbone"], "weights": build["weights"], "device": device,
-                     "precision": precision, "engine": engine, "cache_dir": os.path.abspath(cache_dir),
+                     "precision": precision, "engine": engine,
                      "space_id": space.space_id, "dim": bb.dim}
         return Extractor(bb, _WorkerEngine(engine), torch.device(device), precision, space, build)
 
@@ -194,18 +194,20 @@ class RayPipeline:
             bar = tqdm(total=len(todo), unit="img", desc="extract (ray)", dynamic_ncols=True, file=sys.stderr,
                        disable=None)
         table = pa.table({"i": np.arange(len(todo), dtype=np.int64), "path": [p for _, p in todo]})
-        # blocks of a few batches: enough decode tasks to keep every actor fed, few enough to schedule cheaply
-        per_block = max(batch_size, min(32 * batch_size, math.ceil(len(todo) / (4 * self.actors))))
+        # CPU actors run two batches in flight (OpenVINO's two streams); the decode tasks share the cores.
+        per_call = batch_size if self.gpus else 2 * batch_size
+        # one decode task per model call: the first model call can start as soon as one call's images are
+        # decoded, and vectors stream back call by call (with blocks of many calls, a call's rows come back
+        # only when its whole block is embedded: the first rows of a 1,000-image run arrived at the end)
+        per_block = max(per_call, math.ceil(len(todo) / 20_000))  # at most ~20k blocks for the driver to track
         ds = ray.data.from_arrow([table.slice(o, per_block) for o in range(0, len(todo), per_block)])
         # decode runs in tasks of their own on every free core of every node. Declaring their memory (a
         # decoded batch plus the files) also keeps Ray Data from fusing them into the model actors (it
         # fuses stages with equal resource requests), where decoding would wait for the model.
         crop = ex.backbone.preprocess.crop
         ds = ds.map_batches(_decode, fn_kwargs={"preprocess": ex.backbone.preprocess}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=1, memory=batch_size * (3 * crop * crop + (1 << 20)))
-        # CPU actors run two batches in flight (OpenVINO's two streams); the decode tasks share the cores.
+                            batch_format="numpy", num_cpus=1, memory=per_block * (3 * crop * crop + (1 << 20)))
         # Two calls queued per actor hide the hand-over without letting the first actor up take a small run.
-        per_call = batch_size if self.gpus else 2 * batch_size
         ds = ds.map_batches(_Embedder, fn_constructor_kwargs={"spec": self.spec}, batch_size=per_call,
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.actors, max_tasks_in_flight_per_actor=2),
                             num_gpus=self.gpus or None, num_cpus=1)
@@ -325,9 +327,9 @@ class _Embedder:
         dev = resolve_device(spec["device"])
         if dev.type == "cpu":
             torch.set_num_threads(cpu_cores())  # Ray sets 1 thread per reserved CPU; the engine owns the node
-        # the converted OpenVINO model is kept in the cache when this node sees it, else converted here
-        cache_dir = spec["cache_dir"] if os.access(spec["cache_dir"], os.W_OK) else None
-        self.engine = make_engine(bb, dev, spec["precision"], spec["engine"], cache_dir=cache_dir, space_id=sid)
+        # OpenVINO's converted model is kept once per user and node (featurize.enginestore): converted on a
+        # node's first run, reused after
+        self.engine = make_engine(bb, dev, spec["precision"], spec["engine"], space_id=sid)
         self.dim, self.dev = spec["dim"], str(dev)
         import ray
 

@@ -144,7 +144,7 @@ def test_without_ray_the_error_names_the_extra(data, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r'--ray needs Ray Data.*pip install "[\w.-]+\[ray\]"'):
         extract(data[0], tmp_path / "c", ray="local", **FAST)
     pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib is 3.11+)
-    name = re.search(r'^\[project\]\nname = "([^"]+)"', pyproject, re.M).group(1)
+    name = re.search(r'^\[project\]\n(?:#.*\n)*name = "([^"]+)"', pyproject, re.M).group(1)
     assert install_hint() == f'pip install "{name}[ray]"' and re.search(r"^ray = \[", pyproject, re.M)
 
 
