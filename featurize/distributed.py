@@ -290,7 +290,7 @@ def _decode(batch: dict, preprocess) -> dict:
     """A Ray task: read + decode + resize a batch of files (the local reader's code, per file)."""
     import torch
 
-    from featurize.pipeline import ImageReader
+    from featurize.loading import ImageReader
 
     torch.set_num_threads(1)
     paths = [str(p) for p in batch["path"]]
