@@ -276,16 +276,22 @@ def _keeper(group, splits) -> int:
     return (held or group)[0]
 
 
-def duplicate_groups(pairs, sims, labels, splits) -> list[dict]:
-    """Describe each group: members, the one kept, and whether it crosses labels or splits."""
+def duplicate_groups(pairs, sims, labels, splits, bits=None) -> list[dict]:
+    """Describe each group: members, the one kept, whether it crosses labels or splits, its
+    highest cosine and (given each pair's pixel-hash ``bits``, -1 for none) its fewest differing bits."""
+    bits = np.full(len(pairs), -1) if bits is None else np.asarray(bits)
     best: dict[int, float] = {}
-    for (a, b), s in zip(pairs.tolist(), sims.tolist()):
-        best[a] = max(best.get(a, -1.0), s)
-        best[b] = max(best.get(b, -1.0), s)
+    fewest: dict[int, int] = {}
+    for (a, b), s, d in zip(pairs.tolist(), sims.tolist(), bits.tolist()):
+        for i in (a, b):
+            best[i] = max(best.get(i, -1.0), s)
+            if d >= 0:
+                fewest[i] = min(fewest.get(i, d), d)
     out = []
     for g in groups_of(pairs, len(labels)):
+        px = [fewest[i] for i in g if i in fewest]
         out.append({"members": g, "keep": _keeper(g, splits), "max_cosine": max(best[i] for i in g),
-                    "cross_label": len({labels[i] for i in g}) > 1,
+                    "min_pixel_bits": min(px) if px else -1, "cross_label": len({labels[i] for i in g}) > 1,
                     "cross_split": len({splits[i] for i in g if splits[i]}) > 1})
     return out
 
@@ -417,10 +423,10 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
     ph, ph_stats = pixel_hashes(cache_dir, lf) if pixels else (None, None)
     t_pix = time.perf_counter()
     pairs, sims, topk = audit_pass(lf.X, threshold, k, pixels=ph)
-    groups = duplicate_groups(pairs, sims, lf.y, lf.splits)
+    bits = ph.distance(pairs[:, 0], pairs[:, 1]) if ph is not None else np.full(len(pairs), -1)
+    groups = duplicate_groups(pairs, sims, lf.y, lf.splits, bits)
     scores = outlier_scores(topk)
     cutoff = fence(scores)
-    bits = ph.distance(pairs[:, 0], pairs[:, 1]) if ph is not None else np.full(len(pairs), -1)
     t_sim = time.perf_counter()
 
     paths, y, splits = lf.paths, lf.y, lf.splits

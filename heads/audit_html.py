@@ -62,7 +62,8 @@ def build_gallery(result: dict, path, max_items: int = 60) -> str:
                                 + (" &middot; kept" if p == g["keep"] else ""), keep=p == g["keep"])
                           for p, lab, sp in list(zip(g["members"], g["labels"], g["splits"]))[:6])
         more = f"<p class=meta>and {len(g['members']) - 6} more</p>" if len(g["members"]) > 6 else ""
-        boxes.append(f"<div class=grp><div>{flags}max cosine {g['max_cosine']:.3f} &middot; {len(g['members'])} "
+        px = f" &middot; pixel hashes {g['min_pixel_bits']} bits apart" if g.get("min_pixel_bits", -1) >= 0 else ""
+        boxes.append(f"<div class=grp><div>{flags}max cosine {g['max_cosine']:.3f}{px} &middot; {len(g['members'])} "
                      f"images</div><div class=g>{members}</div>{more}</div>")
     dups_html = "".join(boxes) if boxes else "<p>No near-duplicates.</p>"
 

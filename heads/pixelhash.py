@@ -130,16 +130,20 @@ def dataset_hashes(cache_dir, root: str, paths, content_hashes, compute: bool = 
     store_path = Cache.of(cache_dir).pixelhash_path(VERSION)
     store = load_store(store_path)
     out, has = np.zeros((len(paths), WORDS), np.uint64), np.zeros(len(paths), bool)
+    todo = {h: os.path.join(root, rel) for rel, h in zip(paths, content_hashes) if h not in store} if compute else {}
     computed = 0
-    for i, (rel, h) in enumerate(zip(paths, content_hashes)):
+    if todo:  # Pillow decodes without the GIL: threads use the cores for the first audit of large images
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            for h, v in zip(todo, pool.map(hash_file, todo.values(), todo.keys())):
+                if v is not None:
+                    store[h] = v
+                    computed += 1
+    for i, h in enumerate(content_hashes):
         v = store.get(h)
-        if v is None:
-            v = hash_file(os.path.join(root, rel), h) if compute else None
-            if v is None:
-                continue
-            store[h] = v
-            computed += 1
-        out[i], has[i] = v, True
+        if v is not None:
+            out[i], has[i] = v, True
     if computed:
         try:
             save_store(store_path, store)
