@@ -79,18 +79,22 @@ class Extraction:
 @_api
 def extract(data, backbone: str = DEFAULT_BACKBONE, cache=None, *, weights: str | None = None,
             batch_size: int = 32, workers: int | None = None, device: str = "auto", precision: str = "auto",
-            engine: str = "auto", wait: bool = False, progress: bool = False) -> Extraction:
+            engine: str = "auto", wait: bool = False, progress: bool = False, ray: str | None = None,
+            workers_per_node: int | None = None, gpus_per_worker: float | None = None) -> Extraction:
     """Embed every new or changed image of the folder ``data`` into ``cache`` (default
     ``$FEATURIZE_CACHE`` or ``./cache``) and return an :class:`Extraction`.
 
     ``data`` is ``<class>/<image>``, ``{train,val,test}/<class>/<image>`` or a flat folder.
     Unreadable images are recorded and counted (``.failed``), never raised. Raises
     ``UserError`` for a missing/empty folder, bad options, or another extract of the same folder.
+    ``ray`` (``"local"``, ``"auto"`` or a cluster address) decodes and embeds on Ray Data, as
+    ``extract --ray`` does (``workers_per_node``, ``gpus_per_worker`` as its flags).
     """
     from featurize.extract import extract as run
 
     s = run(data, cache_dir=_cache_dir(cache), backbone=backbone, weights=weights, batch_size=batch_size,
-            workers=workers, device=device, precision=precision, engine=engine, wait=wait, progress=progress)
+            workers=workers, device=device, precision=precision, engine=engine, wait=wait, progress=progress,
+            ray=ray, workers_per_node=workers_per_node, gpus_per_worker=gpus_per_worker)
     return Extraction.from_summary(s)
 
 

@@ -82,8 +82,10 @@ def test_ray_run_matches_local_run_and_records_bad_files(address, data, tmp_path
     reasons = {e["path"]: e["reason"] for e in s["errors"]}
     assert "not an image" in reasons["a/corrupt.jpg"] and "truncated" in reasons["b/truncated.jpg"]
     assert_same_as_local(tmp_path / "c", local, d)
-    again = extract(d, tmp_path / "c", ray=address, **FAST)  # nothing new: known space, Ray not used
-    assert again["embedded"] == 0 and "ray" not in again
+    from featurize import api
+
+    again = api.extract(d, "tiny", tmp_path / "c", precision="fp32", ray=address)  # the Python API, as --ray
+    assert again.embedded == 0 and "ray" not in again.summary  # nothing new: known space, Ray not used
 
 
 def test_kill9_of_the_driver_then_rerun_matches_a_clean_run(address, data, tmp_path):
