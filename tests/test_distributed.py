@@ -74,21 +74,11 @@ def data(tmp_path_factory):
     return d, local
 
 
-def test_ray_run_matches_local_run_and_records_bad_files(address, data, tmp_path):
-    d, local = data
-    s = extract(d, tmp_path / "c", ray=address, **FAST)
-    assert (s["embedded"], s["ok"], s["failed"]) == (42, 42, 2)
-    assert s["ray"]["workers"] == 1 and s["engine"] == "torch" and s["device"] == "cpu"
-    reasons = {e["path"]: e["reason"] for e in s["errors"]}
-    assert "not an image" in reasons["a/corrupt.jpg"] and "truncated" in reasons["b/truncated.jpg"]
-    assert_same_as_local(tmp_path / "c", local, d)
+def test_kill9_of_the_driver_then_rerun_gives_the_local_rows_vectors_and_reasons(address, data, tmp_path):
+    """The driver (a CLI run joining the runtime) is killed mid-run; the rerun (in this process,
+    its Ray workers warm) embeds the rest: the index and vectors of a local run, none doubled."""
     from featurize import api
 
-    again = api.extract(d, "tiny", tmp_path / "c", precision="fp32", ray=address)  # the Python API, as --ray
-    assert again.embedded == 0 and "ray" not in again.summary  # nothing new: known space, Ray not used
-
-
-def test_kill9_of_the_driver_then_rerun_matches_a_clean_run(address, data, tmp_path):
     d, local = data
     cache = tmp_path / "c"
     env = {"FEATURIZE_FAULT": "shard_written:2", "FEATURIZE_SHARD_ROWS": "8"}
@@ -96,11 +86,16 @@ def test_kill9_of_the_driver_then_rerun_matches_a_clean_run(address, data, tmp_p
     assert p.returncode == -signal.SIGKILL, p.stderr
     saved = len(disk_rows(cache))
     assert 0 < saved < 42
-    s = extract(d, cache, ray=address, **FAST)  # the rerun (in this process: its Ray workers are warm)
-    assert s["embedded"] == 42 - saved
+    s = extract(d, cache, ray=address, **FAST)
+    assert (s["embedded"], s["ok"], s["failed"]) == (42 - saved, 42, 2)
+    assert s["ray"]["workers"] == 1 and s["engine"] == "torch" and s["device"] == "cpu"
+    reasons = {e["path"]: e["reason"] for e in s["errors"]}  # corrupt images, recorded on a worker as locally
+    assert "not an image" in reasons["a/corrupt.jpg"] and "truncated" in reasons["b/truncated.jpg"]
     assert_same_as_local(cache, local, d)
     rows = disk_rows(cache)
     assert len(rows) == len(set(rows)) == 42  # none lost, none written twice
+    again = api.extract(d, "tiny", cache, precision="fp32", ray=address)  # the Python API, as --ray
+    assert again.embedded == 0 and "ray" not in again.summary  # nothing new: known space, Ray not used
 
 
 def _model_workers() -> list[int]:
