@@ -257,6 +257,30 @@ class FeatureSpace:
             return False
         return True
 
+    # A feature space holds vectors from one engine. Engines agree only approximately (OpenVINO
+    # bf16 against the fp32 PyTorch vector: min cosine 0.9904 on 400 TrashNet photos), so a run
+    # that fell back to another engine (OpenVINO failing on a full disk) must not add its vectors
+    # to the same space: heads would train on a mixture. The first writer records its engine.
+    def held_engine(self) -> str | None:
+        """The engine whose vectors this space holds (None: none recorded yet)."""
+        try:
+            held = json.loads((self.folder / "engine.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return held.get("engine") if isinstance(held, dict) and isinstance(held.get("engine"), str) else None
+
+    def claim_engine(self, engine: str) -> None:
+        """Record ``engine`` as this space's engine, or raise ``UserError`` if another one holds it."""
+        held = self.held_engine()
+        if held is None:
+            _atomic_text(self.folder / "engine.json", json.dumps({"engine": engine}))
+        elif held != engine:
+            raise UserError(
+                f"feature space {self.space_id} holds vectors from the {held} engine and this run would add vectors "
+                f"from {engine}; engines agree only to about 1% (cosine), so they are never mixed in one space: "
+                f"pass --engine {held} (if {held} failed, see the warning above), or delete {self.folder} to "
+                f"re-embed everything with {engine}")
+
     def create(self, config: dict, dim: int) -> None:
         """Record the space's metadata (idempotent); a damaged description is rewritten."""
         if self.exists():

@@ -77,6 +77,8 @@ def build_extractor(cache_dir, backbone: str, weights: str | None = None, device
     space = fc.FeatureSpace(cache_dir, fc.space_id_for(config))
     build = {"backbone": backbone if not os.path.isdir(backbone) else os.path.realpath(backbone),
              "weights": os.path.realpath(weights) if weights else None}
+    if engine == "auto" and space.held_engine() in ("torch", "openvino"):
+        engine = space.held_engine()  # the engine whose vectors the space holds (see FeatureSpace.claim_engine)
     eng = make_engine(bb, dev, prec, engine, cache_dir=cache_dir, space_id=space.space_id, lazy=True)
     space.create({**config, "build": build, "dim": bb.dim}, bb.dim)
     return Extractor(bb, eng, dev, prec, space, build)
@@ -102,6 +104,8 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
         t = time.perf_counter()
         _ = ex.engine.engine  # the property builds it
         seconds["load_model"] = seconds.get("load_model", 0.0) + time.perf_counter() - t
+    if todo:  # one engine per space: a fallback engine never adds vectors to another engine's space
+        ex.space.claim_engine(getattr(ex.engine, "name", "torch"))  # a LazyEngine names what it built
     try:
         from featurize.gpu import device_reader, gpu_decode_available
 

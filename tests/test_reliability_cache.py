@@ -154,3 +154,23 @@ def test_full_disk_is_one_line_keeps_finished_shards_and_resumes(small_disk, tmp
     filler.unlink()
     s = json.loads(run_cli(*args, "--json", check=0).stdout.strip().splitlines()[-1])
     assert s["ok"] == 120 and s["embedded"] < 120  # resumed: the kept shards were not embedded again
+
+
+def test_engines_never_mix_in_one_feature_space(tmp_path):
+    """After OpenVINO failed (disk full) a run fell back to PyTorch into the same space: 1,244
+    vectors from one engine, 1,280 from the other. The first writer now records its engine and
+    a run with another engine is refused, naming both; the recorded engine keeps working."""
+    from featurize.extract import extract
+
+    cache = tmp_path / "cache"
+    extract(make_dataset(tmp_path / "a", per_class=3), cache, **{**FAST, "engine": "torch"})
+    _, idx = fc.find_index(cache, tmp_path / "a")
+    space = fc.resolve_space(cache, idx)
+    assert space.held_engine() == "torch"
+    (space.folder / "engine.json").write_text(json.dumps({"engine": "openvino"}))  # as if OpenVINO wrote it
+    with pytest.raises(UserError, match="holds vectors from the openvino engine and this run would add vectors "
+                                        "from torch.*--engine openvino"):
+        extract(make_dataset(tmp_path / "b", per_class=3, seed=50), cache, **{**FAST, "engine": "torch"})
+    assert len(space.load()[0]) == 6  # nothing was added
+    (space.folder / "engine.json").write_text(json.dumps({"engine": "torch"}))
+    assert extract(tmp_path / "b", cache, **{**FAST, "engine": "torch"})["ok"] == 6
