@@ -147,12 +147,12 @@ def w_decode_path(folder, cache, mode):
         fastdecode.DRAFT_MARGIN = 10**6  # never large enough to scale
     t = time.perf_counter()
     if mode == "torchvision":
-        from featurize import pipeline
+        from featurize import loading
         from featurize.images import read_image
         from featurize.pipeline import build_extractor, default_workers, run_pipeline
 
         # today's decode path for every file: torchvision decode_jpeg at full resolution + resize
-        pipeline.decode_for_model = lambda path, preprocess: preprocess(read_image(path))
+        loading.decode_for_model = lambda path, preprocess: preprocess(read_image(path))
         ex = build_extractor(cache, "efficientnet_lite0")
         paths = sorted(str(p) for p in Path(folder).rglob("*.jpg"))
         todo = [(fc.content_hash(p), p) for p in paths]
