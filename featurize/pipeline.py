@@ -21,7 +21,7 @@ import torch
 
 from featurize import cache as fc
 from featurize.backbones import Backbone, get_backbone, resolve_device, resolve_precision
-from featurize.engines import make_engine
+from featurize.engines import LazyEngine, make_engine
 from featurize.fastpath import drive
 from featurize.loading import ImageReader, reader, worker_init  # noqa: F401  (re-exported)
 from featurize.options import resolve_workers
@@ -100,7 +100,8 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
                    disable=None)  # None: only on a terminal, logs stay clean
     interrupted = False
     batches = None
-    if todo and hasattr(ex.engine, "engine"):  # a LazyEngine: build it now, outside the model timing
+    if todo and isinstance(ex.engine, LazyEngine):  # build it now, timed as load_model (hasattr() would
+        # evaluate the property, so the build - a conversion included - went untimed)
         t = time.perf_counter()
         _ = ex.engine.engine  # the property builds it
         seconds["load_model"] = seconds.get("load_model", 0.0) + time.perf_counter() - t
