@@ -83,6 +83,8 @@ def lean_extractor(cache_dir, key: dict, engine: str) -> LeanExtractor | None:
     if not enginestore.is_complete(folder):  # the store was cleared: convert again on the full path
         return None
     space = fc.FeatureSpace(cache_dir, rec["space_id"])
+    if space.held_engine() not in (None, "openvino"):  # auto keeps the engine a space holds (full path)
+        return None
     if not space.exists():
         config = {k: v for k, v in space_meta.items() if k not in ("space_id", "dim", "schema_version")}
         space.create(config, int(rec["dim"]))
@@ -98,6 +100,8 @@ def lean_for_space(cache_dir, space_id: str, device: str = "auto") -> LeanExtrac
         return None
     space = fc.FeatureSpace(cache_dir, space_id)
     info = space.info()
+    if space.held_engine() not in (None, "openvino"):  # a space never mixes engines' vectors
+        return None
     folder = enginestore.engine_dir(space_id)
     if info.get("precision") not in ("fp32", "bf16") or not fastdecode.supports(info.get("preprocess", {})) \
             or not enginestore.is_complete(folder):
@@ -156,6 +160,7 @@ def drive(engine, batches, todo: list[tuple[str, str]], writer, seconds: dict, b
 def run_lean(ex: LeanExtractor, todo: list[tuple[str, str]], batch_size: int, workers: int, seconds: dict,
              progress: bool, on_error) -> tuple[int, bool]:
     """Embed ``todo`` [(hash, abspath)] with the stored engine, torch-free; return (rows written, interrupted)."""
+    ex.space.claim_engine("openvino")  # one engine per space (featurize.cache.FeatureSpace.claim_engine)
     writer = fc.ShardWriter(ex.space)
     bar = None
     if progress and todo:
