@@ -31,7 +31,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     Raises ``BlankImage`` for a high-bit-depth image with no contrast.
     """
     if not is_high_bit_depth(im.mode):
-        return im if im.mode == "RGB" else im.convert("RGB")
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
+        return _alpha_drawn(im, rgb) if "A" in im.getbands() else rgb
     a = np.asarray(im).astype(np.float32)
     finite = np.isfinite(a)
     if not finite.any():
@@ -42,6 +43,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
     scaled = np.where(finite, (a - lo) * (255.0 / (hi - lo)), 0.0)
     gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     return Image.fromarray(gray, "L").convert("RGB")
+
+
+def _alpha_drawn(im: Image.Image, rgb: Image.Image) -> Image.Image:
+    """An image drawn only in its alpha channel (one colour, shapes in the transparency, like
+    Pillow's ``gbr.png``) converts to a blank: paint it over white instead. Other transparent
+    images convert as before (the alpha dropped), so their vectors do not change."""
+    if not all(lo == hi for lo, hi in rgb.getextrema()):
+        return rgb
+    alpha = im.getchannel("A")
+    if alpha.getextrema()[0] == alpha.getextrema()[1]:
+        return rgb  # truly one colour everywhere
+    white = Image.new("RGB", im.size, (255, 255, 255))
+    white.paste(rgb, mask=alpha)
+    return white
 
 
 #: No image this tool decodes needs more bytes than this (89.5 Mpx x 4 channels x 2 bytes is

@@ -189,3 +189,24 @@ def test_a_huge_non_image_is_refused_from_its_header(tmp_path):
         f.truncate(3 << 30)  # 3 GiB, sparse: no disk used
     with pytest.raises(ImageError, match="file too large"):
         read_bytes(str(sparse))
+
+
+def test_an_image_drawn_in_its_alpha_channel_is_not_embedded_blank(tmp_path):
+    """Pillow's gbr.png: black RGB, the picture in the alpha channel; dropping the alpha gave a
+    solid black image recorded ok. It is painted over white instead; ordinary transparent
+    images keep their pixels (their vectors do not change)."""
+    from PIL import Image
+
+    from featurize.fastdecode import read_preprocessed
+    from featurize.images import read_image
+
+    alpha = (np.add.outer(np.arange(40), np.arange(40)) * 3 % 256).astype(np.uint8)
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 3] = alpha
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "drawn.png")
+    for img in (read_image(str(tmp_path / "drawn.png")).numpy(),
+                read_preprocessed(str(tmp_path / "drawn.png"), {"resize": 40, "crop": 40, "interpolation": "bilinear"})):
+        assert img.max() - img.min() > 200
+    rgba[..., :3] = np.random.default_rng(0).integers(0, 256, (40, 40, 3))
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "photo.png")
+    np.testing.assert_array_equal(read_image(str(tmp_path / "photo.png")).numpy().transpose(1, 2, 0), rgba[..., :3])
