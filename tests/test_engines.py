@@ -76,23 +76,6 @@ def test_openvino_matches_torch_fp32_on_real_photos(lite0, ov_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_openvino_keeps_lite2_in_its_feature_space(tmp_path):
-    """The largest offline backbone (260 px) through the converted engine: cosine to fp32 on real photos.
-    (Lite1 is measured with every engine by benchmarks/guide.py.)"""
-    from featurize.backbones import get_backbone, resolve_precision
-    from featurize.images import read_image
-
-    bb = get_backbone("efficientnet_lite2")
-    paths = _photos(tmp_path)[:4]
-    batch = torch.stack([bb.preprocess(read_image(str(p))) for p in paths])
-    ref = engines.TorchEngine(bb, torch.device("cpu"), "fp32")(batch)
-    precision = resolve_precision("auto", torch.device("cpu"))
-    eng = engines.make_engine(bb, torch.device("cpu"), precision, "openvino", cache_dir=tmp_path, space_id="l2")
-    assert eng.name == "openvino" and batch.shape[-1] == 260
-    assert engines.cosine_rows(eng(batch), ref).min() >= engines.COSINE_TOLERANCE
-
-
-@pytest.mark.slow
 def test_auto_engine_uses_openvino_and_records_it(ov_cache, tmp_path, monkeypatch):
     """A silent fallback to PyTorch would fail here."""
     import shutil
