@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,7 @@ def _worker(name: str, n: int, batch: int, out: str) -> None:
             row["cosine_min"]["torch-" + prec] = round(float(
                 cosine_rows(TorchEngine(bb, dev, prec)(batch_t), ref).min()), 4)
     Path(out).write_text(json.dumps(row))
+    shutil.rmtree(cache, ignore_errors=True)  # up to 1 GB of shards per backbone: each run left one behind
 
 
 def _all_names() -> list[str]:
