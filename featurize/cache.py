@@ -269,6 +269,11 @@ class FeatureSpace:
             return None
         return held.get("engine") if isinstance(held, dict) and isinstance(held.get("engine"), str) else None
 
+    def engine_for(self, requested: str) -> str:
+        """``auto`` keeps the engine whose vectors this space holds; any other request is returned as is."""
+        held = self.held_engine()
+        return held if requested == "auto" and held in ("torch", "openvino") else requested
+
     def claim_engine(self, engine: str) -> None:
         """Record ``engine`` as this space's engine, or raise ``UserError`` if another one holds it."""
         held = self.held_engine()

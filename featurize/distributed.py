@@ -166,6 +166,9 @@ class RayPipeline:
         build = {"backbone": backbone if not os.path.isdir(backbone) else os.path.realpath(backbone),
                  "weights": os.path.realpath(weights) if weights else None}
         space.create({**config, "build": build, "dim": bb.dim}, bb.dim)
+        engine = space.engine_for(engine)  # as local runs: auto keeps the engine whose vectors the space holds
+        if engine != "auto":  # refused here, before the cluster starts, when another engine holds the space
+            space.claim_engine(engine)
         self.spec = {"backbone": build["backbone"], "weights": build["weights"], "device": device,
                      "precision": precision, "engine": engine,
                      "space_id": space.space_id, "dim": bb.dim}
@@ -212,6 +215,7 @@ class RayPipeline:
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.actors, max_tasks_in_flight_per_actor=2),
                             num_gpus=self.gpus or None, num_cpus=1)
         interrupted, t0, nodes, first, worker_model = False, time.perf_counter(), set(), 0.0, 0.0
+        claimed = None
         try:
             batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
             while True:
@@ -225,6 +229,9 @@ class RayPipeline:
                 ok = b["error"] == ""
                 for i, reason in zip(b["i"][~ok], b["error"][~ok]):
                     on_error(todo[int(i)][0], str(reason))
+                if str(b["engine"][0]) != claimed:  # one engine per space: workers that built another
+                    claimed = str(b["engine"][0])   # engine (auto on mixed nodes) are refused, never mixed
+                    ex.space.claim_engine(claimed)
                 t = time.perf_counter()
                 if ok.any():
                     writer.add([todo[int(i)][0] for i in b["i"][ok]], b["emb"][ok])

@@ -77,8 +77,7 @@ def build_extractor(cache_dir, backbone: str, weights: str | None = None, device
     space = fc.FeatureSpace(cache_dir, fc.space_id_for(config))
     build = {"backbone": backbone if not os.path.isdir(backbone) else os.path.realpath(backbone),
              "weights": os.path.realpath(weights) if weights else None}
-    if engine == "auto" and space.held_engine() in ("torch", "openvino"):
-        engine = space.held_engine()  # the engine whose vectors the space holds (see FeatureSpace.claim_engine)
+    engine = space.engine_for(engine)  # auto keeps the engine whose vectors the space holds
     eng = make_engine(bb, dev, prec, engine, cache_dir=cache_dir, space_id=space.space_id, lazy=True)
     space.create({**config, "build": build, "dim": bb.dim}, bb.dim)
     return Extractor(bb, eng, dev, prec, space, build)

@@ -156,3 +156,17 @@ def test_a_worker_that_cannot_see_the_folder_says_so(address, tmp_path):
     with pytest.raises(Exception) as info:  # as the driver sees it: wrapped by Ray
         ray.get(ray.remote(num_cpus=0)(_decode).remote(batch, pp))
     assert "cannot read" in _worker_cannot_read(info.value) and "not-mounted" in _worker_cannot_read(info.value)
+
+
+def test_ray_keeps_the_space_engine_and_never_mixes_engines(address, tmp_path):
+    from featurize.errors import UserError
+
+    cache = tmp_path / "c"
+    first = extract(make_dataset(tmp_path / "d1", per_class=2), cache, engine="torch", **FAST)
+    space = fc.FeatureSpace(cache, first["space_id"])  # it now holds PyTorch vectors
+    second = extract(make_dataset(tmp_path / "d2", per_class=2, seed=100), cache, ray=address, **FAST)
+    # auto on the workers follows the space's engine, as a local run does
+    assert second["embedded"] == 4 and second["engine"] == "torch" and space.held_engine() == "torch"
+    with pytest.raises(UserError, match="holds vectors from the torch engine"):  # refused before the cluster runs
+        extract(make_dataset(tmp_path / "d3", per_class=2, seed=200), cache, ray=address, engine="openvino", **FAST)
+    assert space.held_engine() == "torch" and len(set(disk_rows(cache))) == 8
