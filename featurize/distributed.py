@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import time
 
 import numpy as np
@@ -190,12 +189,9 @@ class RayPipeline:
         import ray.data
 
         writer = fc.ShardWriter(ex.space)
-        bar = None
-        if progress and todo:
-            from tqdm import tqdm
+        from featurize.fastpath import progress_bar
 
-            bar = tqdm(total=len(todo), unit="img", desc="extract (ray)", dynamic_ncols=True, file=sys.stderr,
-                       disable=None)
+        bar = progress_bar(len(todo), progress, "extract (ray)")
         table = pa.table({"i": np.arange(len(todo), dtype=np.int64), "path": [p for _, p in todo]})
         # CPU actors run two batches in flight (OpenVINO's two streams); the decode tasks share the cores.
         per_call = batch_size if self.gpus else 2 * batch_size

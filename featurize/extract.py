@@ -280,8 +280,6 @@ def _extract(data, cache_dir, backbone, weights, batch_size, workers, device, pr
         dim = int(lean.record["dim"]) if lean else ex.backbone.dim if ex is not None else 0
         need["bytes"] = 2 * len(todo or ()) * dim * 4 + 64 * len(sc.entries)  # shards + their merge + index
         if todo:
-            if lean:
-                lean.space.claim_engine("openvino")  # one engine per space, as run_pipeline checks
             run = fastpath.run_lean if lean else rp.run if rp else run_pipeline
             t, load_before = time.perf_counter(), seconds["load_model"]
             written, interrupted = run(lean or ex, todo, batch_size, n_workers, seconds, progress, failed.__setitem__)

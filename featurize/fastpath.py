@@ -157,16 +157,39 @@ def drive(engine, batches, todo: list[tuple[str, str]], writer, seconds: dict, b
             results.close()
 
 
+def progress_bar(n: int, progress: bool, desc: str = "extract"):
+    """A tqdm bar on stderr for ``n`` images, or None (no work, or progress off)."""
+    if not (progress and n):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=n, unit="img", desc=desc, dynamic_ncols=True, file=sys.stderr,
+                disable=None)  # None: only on a terminal, logs stay clean
+
+
+def finish(batches, writer, bar, seconds: dict) -> None:
+    """End a run, on success, Ctrl-C or error: stop the reader, keep what was embedded, close the bar.
+
+    The reader is closed now, in order: left to the garbage collector its decode workers die at
+    interpreter exit, mid-transfer, printing tracebacks.
+    """
+    t = time.perf_counter()
+    if hasattr(batches, "close"):
+        batches.close()  # joins the decode workers
+    seconds["decode"] = seconds.get("decode", 0.0) + time.perf_counter() - t
+    t = time.perf_counter()
+    writer.flush()  # what was embedded is kept, even on Ctrl-C
+    seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t
+    if bar:
+        bar.close()
+
+
 def run_lean(ex: LeanExtractor, todo: list[tuple[str, str]], batch_size: int, workers: int, seconds: dict,
              progress: bool, on_error) -> tuple[int, bool]:
     """Embed ``todo`` [(hash, abspath)] with the stored engine, torch-free; return (rows written, interrupted)."""
     ex.space.claim_engine("openvino")  # one engine per space (featurize.cache.FeatureSpace.claim_engine)
     writer = fc.ShardWriter(ex.space)
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, file=sys.stderr, disable=None)
+    bar = progress_bar(len(todo), progress)
     interrupted = False
     batches = None
     try:
@@ -178,11 +201,5 @@ def run_lean(ex: LeanExtractor, todo: list[tuple[str, str]], batch_size: int, wo
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        if hasattr(batches, "close"):
-            batches.close()
-        t = time.perf_counter()
-        writer.flush()  # what was embedded is kept, even on Ctrl-C
-        seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t
-        if bar:
-            bar.close()
+        finish(batches, writer, bar, seconds)
     return writer.rows_written, interrupted

@@ -22,7 +22,7 @@ import torch
 from featurize import cache as fc
 from featurize.backbones import Backbone, get_backbone, resolve_device, resolve_precision
 from featurize.engines import LazyEngine, make_engine
-from featurize.fastpath import drive
+from featurize.fastpath import drive, finish, progress_bar
 from featurize.loading import ImageReader, reader, worker_init  # noqa: F401  (re-exported)
 from featurize.options import resolve_workers
 
@@ -91,12 +91,7 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
     calls ``on_error(hash, reason)`` for each file that cannot be decoded.
     """
     writer = fc.ShardWriter(ex.space)
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), unit="img", desc="extract", dynamic_ncols=True, file=sys.stderr,
-                   disable=None)  # None: only on a terminal, logs stay clean
+    bar = progress_bar(len(todo), progress)
     interrupted = False
     batches = None
     if todo and isinstance(ex.engine, LazyEngine):  # build it now, timed as load_model (hasattr() would
@@ -118,15 +113,5 @@ def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, wo
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        # Shut the decode workers down now, in order (engine map, then reader): left to the
-        # garbage collector they die at interpreter exit, mid-transfer, printing tracebacks.
-        t = time.perf_counter()
-        if hasattr(batches, "close"):
-            batches.close()  # joins the decode worker processes
-        seconds["decode"] = seconds.get("decode", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
-        writer.flush()  # what was embedded is kept, even on Ctrl-C
-        seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t
-        if bar:
-            bar.close()
+        finish(batches, writer, bar, seconds)
     return writer.rows_written, interrupted
