@@ -17,32 +17,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from featurize.fastdecode import MAX_PIXELS, DecodeError, _open, _reason
 from featurize.pixels import BlankImage, UnusableFile, read_image_file, to_rgb
 
-# Pillow's own bomb limit is a warning up to 2x; we refuse anything above it outright.
-MAX_PIXELS = 89_478_485
-
-
-class ImageError(Exception):
-    """A file that cannot be used as an image; the message is the recorded reason."""
-
-
-def _reason(e: Exception, what: str) -> ImageError:
-    if "truncat" in str(e).lower():
-        return ImageError("truncated file (image data ends early)")
-    return ImageError(f"{what} ({type(e).__name__}: {e})")
+# One error type and one header check for both decode paths (the torch-free one owns them).
+ImageError = DecodeError
 
 
 def _header(data: bytes) -> tuple[str, tuple[int, int]]:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.format or "", im.size
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"decompression bomb: {e}") from None
-    except Image.UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised or corrupt header)") from None
-    except Exception as e:
-        raise _reason(e, "not a readable image") from None
+    with _open(data) as im:
+        return im.format or "", im.size
 
 
 def _pil_decode(data: bytes) -> torch.Tensor:
