@@ -149,7 +149,8 @@ def w_decode_path(folder, cache, mode):
     if mode == "torchvision":
         from featurize import loading
         from featurize.images import read_image
-        from featurize.pipeline import build_extractor, default_workers, run_pipeline
+        from featurize.pipeline import build_extractor, default_workers
+        from featurize.stages import embed
 
         # today's decode path for every file: torchvision decode_jpeg at full resolution + resize
         loading.decode_for_model = lambda path, preprocess: preprocess(read_image(path))
@@ -158,8 +159,7 @@ def w_decode_path(folder, cache, mode):
         todo = [(fc.content_hash(p), p) for p in paths]
         _ = ex.engine.engine  # load outside the timing, as the others do
         t = time.perf_counter()
-        seconds = {}
-        written, _ = run_pipeline(ex, todo, 32, default_workers(), seconds, False, lambda *a: None)
+        written = embed(ex, todo, 32, default_workers()).written
         sec = time.perf_counter() - t
         ex.space.compact()
         sid = ex.space.space_id

@@ -62,8 +62,9 @@ def _worker(name: str, n: int, batch: int, out: str) -> None:
     from featurize.backbones import get_backbone, resolve_device, resolve_precision
     from featurize.engines import TorchEngine, cosine_rows, make_engine
     from featurize.images import read_image
-    from featurize.pipeline import Extractor, default_workers, run_pipeline, tune_allocator
+    from featurize.pipeline import Extractor, default_workers, tune_allocator
     from featurize.registry import backbone_info
+    from featurize.stages import embed
 
     tune_allocator()
     info = backbone_info(name)
@@ -82,10 +83,9 @@ def _worker(name: str, n: int, batch: int, out: str) -> None:
     setup_s = time.perf_counter() - t
     photos = _photos(n)
     todo = [(f"{i:032x}", p) for i, p in enumerate(photos)]
-    seconds: dict = {}
     t = time.perf_counter()
-    written, _ = run_pipeline(Extractor(bb, eng, dev, prec, space), todo, batch, default_workers(), seconds, False,
-                              lambda h, r: None)
+    done = embed(Extractor(bb, eng, dev, prec, space), todo, batch, default_workers())
+    written, seconds = done.written, done.seconds
     wall = time.perf_counter() - t
     shard_bytes = sum(p.stat().st_size for p in space.folder.glob("*.h5"))
     row = {"backbone": name, "weights": "real" if real else "random", "dim": bb.dim,

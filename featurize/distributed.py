@@ -30,6 +30,7 @@ import math
 import os
 import socket
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -151,8 +152,6 @@ class RayPipeline:
         import torch
 
         from featurize.backbones import get_backbone, resolve_precision
-        from featurize.pipeline import Extractor
-
         self.connect()
         device, precision = self.resolve(device, precision)
         if device == "cpu":
@@ -171,7 +170,7 @@ class RayPipeline:
         self.spec = {"backbone": build["backbone"], "weights": build["weights"], "device": device,
                      "precision": precision, "engine": engine,
                      "space_id": space.space_id, "dim": bb.dim}
-        return Extractor(bb, _WorkerEngine(engine), torch.device(device), precision, space, build)
+        return RayExtractor(bb, _WorkerEngine(engine), torch.device(device), precision, space, self)
 
     def close(self) -> None:
         if self._started:
@@ -180,26 +179,22 @@ class RayPipeline:
             ray.shutdown()
             self._started = False
 
-    # -- the run: same contract as featurize.pipeline.run_pipeline
+    # -- the run: reader and model in one, on the cluster (featurize.stages.embed drives it)
 
-    def run(self, ex, todo: list[tuple[str, str]], batch_size: int, workers: int, seconds: dict, progress: bool,
-            on_error) -> tuple[int, bool]:
-        """Embed ``todo`` [(hash, abspath)] on the cluster; return (rows written, interrupted)."""
+    def batches(self, ex, paths: list[str], batch_size: int):
+        """A ``featurize.stages.Reader`` whose batches come back embedded: decode and model run on the
+        cluster, so its ``images`` are the vectors (``_WorkerEngine.map`` passes them through)."""
         import pyarrow as pa
         import ray.data
 
-        writer = fc.ShardWriter(ex.space)
-        from featurize.fastpath import progress_bar
-
-        bar = progress_bar(len(todo), progress, "extract (ray)")
-        table = pa.table({"i": np.arange(len(todo), dtype=np.int64), "path": [p for _, p in todo]})
+        table = pa.table({"i": np.arange(len(paths), dtype=np.int64), "path": paths})
         # CPU actors run two batches in flight (OpenVINO's two streams); the decode tasks share the cores.
         per_call = batch_size if self.gpus else 2 * batch_size
         # one decode task per model call: the first model call can start as soon as one call's images are
         # decoded, and vectors stream back call by call (with blocks of many calls, a call's rows come back
         # only when its whole block is embedded: the first rows of a 1,000-image run arrived at the end)
-        per_block = max(per_call, math.ceil(len(todo) / 20_000))  # at most ~20k blocks for the driver to track
-        ds = ray.data.from_arrow([table.slice(o, per_block) for o in range(0, len(todo), per_block)])
+        per_block = max(per_call, math.ceil(len(paths) / 20_000))  # at most ~20k blocks for the driver to track
+        ds = ray.data.from_arrow([table.slice(o, per_block) for o in range(0, len(paths), per_block)])
         # decode runs in tasks of their own on every free core of every node. Declaring their memory (a
         # decoded batch plus the files) also keeps Ray Data from fusing them into the model actors (it
         # fuses stages with equal resource requests), where decoding would wait for the model.
@@ -210,36 +205,22 @@ class RayPipeline:
         ds = ds.map_batches(_Embedder, fn_constructor_kwargs={"spec": self.spec}, batch_size=per_call,
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.actors, max_tasks_in_flight_per_actor=2),
                             num_gpus=self.gpus or None, num_cpus=1)
-        interrupted, t0, nodes, first, worker_model = False, time.perf_counter(), set(), 0.0, 0.0
+        t0, nodes, first, worker_model = time.perf_counter(), set(), 0.0, 0.0
         claimed = None
         try:
-            batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
-            while True:
-                t = time.perf_counter()
-                b = next(batches, None)
-                # the driver's wall clock: "model" is its wait for the cluster (decode + model run there)
-                seconds["model"] = seconds.get("model", 0.0) + time.perf_counter() - t
-                if b is None:
-                    break
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 first = first or time.perf_counter() - t0
                 ok = b["error"] == ""
-                for i, reason in zip(b["i"][~ok], b["error"][~ok]):
-                    on_error(todo[int(i)][0], str(reason))
                 if str(b["engine"][0]) != claimed:  # one engine per space: workers that built another
                     claimed = str(b["engine"][0])   # engine (auto on mixed nodes) are refused, never mixed
                     ex.space.claim_engine(claimed)
-                t = time.perf_counter()
-                if ok.any():
-                    writer.add([todo[int(i)][0] for i in b["i"][ok]], b["emb"][ok])
-                seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t
-                seconds["decode_cpu"] = seconds.get("decode_cpu", 0.0) + float(b["decode_s"].sum())
                 worker_model += float(b["model_s"].sum())
                 ex.engine.name, ex.engine.device = str(b["engine"][0]), str(b["device"][0])
                 nodes.update(b["node"].tolist())
-                if bar:
-                    bar.update(len(b["i"]))
-        except KeyboardInterrupt:
-            interrupted = True
+                # the driver's wall clock: "model" is its wait for the cluster (decode + model run there)
+                yield {"index": [int(i) for i in b["i"][ok]], "images": b["emb"][ok] if ok.any() else None,
+                       "errors": [(int(i), str(r)) for i, r in zip(b["i"][~ok], b["error"][~ok])],
+                       "decode_s": float(b["decode_s"].sum()), "waited": "model"}
         except Exception as e:
             if type(e).__name__ == "GetTimeoutError" and "starting actors" in str(e):
                 raise UserError(f"the Ray cluster did not start {self.actors} model workers within "
@@ -250,23 +231,40 @@ class RayPipeline:
                                 "same path (NFS, a shared volume), see the README") from None
             raise
         finally:
-            t = time.perf_counter()
-            writer.flush()  # what came back is kept, even on Ctrl-C or a failed run
-            seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t
-            if bar:
-                bar.close()
             # first_batch_seconds: workers started, model built, first batch embedded (the start-up cost)
             self.info.update(run_seconds=round(time.perf_counter() - t0, 3), nodes_used=len(nodes),
                              first_batch_seconds=round(first, 3), worker_model_seconds=round(worker_model, 3))
             self.close()
-        return writer.rows_written, interrupted
 
 
 class _WorkerEngine:
-    """Stands in for the engine on the driver: its name and device are the workers' (set as batches arrive)."""
+    """Stands in for the engine on the driver: its name and device are the workers' (set as batches
+    arrive), and the batches it is given are embedded already (on the cluster)."""
 
     def __init__(self, asked: str):
         self.name, self.device = asked, None
+
+    def map(self, batches):
+        return iter(batches)
+
+
+@dataclass
+class RayExtractor:
+    """The stages of ``extract --ray`` (``featurize.stages.Extractor``): reader and model run on the cluster."""
+
+    label = "extract (ray)"
+    backbone: object  # featurize.backbones.Backbone, built here only for its feature space
+    engine: _WorkerEngine
+    device: object  # torch.device
+    precision: str
+    space: fc.FeatureSpace
+    cluster: RayPipeline
+
+    def model(self):
+        return self.engine  # built on the workers; the space is claimed as their batches arrive
+
+    def reader(self, paths: list[str], batch_size: int, workers: int):
+        return self.cluster.batches(self, paths, batch_size)
 
 
 def _worker_cannot_read(e: BaseException) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurize import CallableModule, __version__, enginestore, fastdecode, fastpath
+from featurize import CallableModule, __version__, enginestore, fastdecode, fastpath, stages
 from featurize import cache as fc
 from featurize.dataset import scan
 from featurize.errors import DISK_FULL, Interrupted, UserError, disk_full_error
@@ -245,7 +245,7 @@ def _extract(data, cache_dir, backbone, weights, batch_size, workers, device, pr
         if (todo is None or todo) and lean is None:  # unknown request or work to do: build the model (torch)
             t = time.perf_counter()  # importing torch is part of loading the model (2-5 s)
             try:
-                from featurize.pipeline import build_extractor, run_pipeline, tune_allocator
+                from featurize.pipeline import build_extractor, tune_allocator
 
                 tune_allocator()
                 ex = (rp.build_extractor if rp else build_extractor)(cache_dir, backbone, weights, device, precision,
@@ -280,10 +280,12 @@ def _extract(data, cache_dir, backbone, weights, batch_size, workers, device, pr
         dim = int(lean.record["dim"]) if lean else ex.backbone.dim if ex is not None else 0
         need["bytes"] = 2 * len(todo or ()) * dim * 4 + 64 * len(sc.entries)  # shards + their merge + index
         if todo:
-            run = fastpath.run_lean if lean else rp.run if rp else run_pipeline
-            t, load_before = time.perf_counter(), seconds["load_model"]
-            written, interrupted = run(lean or ex, todo, batch_size, n_workers, seconds, progress, failed.__setitem__)
-            pipe_s = time.perf_counter() - t - (seconds["load_model"] - load_before)
+            t = time.perf_counter()
+            emb = stages.embed(lean or ex, todo, batch_size, n_workers, progress)
+            pipe_s = time.perf_counter() - t - emb.seconds.get("load_model", 0.0)
+            written, interrupted, failed = emb.written, emb.interrupted, emb.failed
+            for k, v in emb.seconds.items():
+                seconds[k] = seconds.get(k, 0.0) + v
             known = space.known_hashes()
             for i, h in enumerate(hashes):
                 if h in failed:
@@ -484,15 +486,11 @@ def embed_files(space: fc.FeatureSpace, paths: list[str], build, batch_size: int
     todo = list({h: p for p, h in hashes.items() if p not in found}.items())  # one file per new hash
     if todo:
         ex = build()
-        if isinstance(ex, fastpath.LeanExtractor):
-            run = fastpath.run_lean
-        else:
-            from featurize.pipeline import run_pipeline, tune_allocator
+        if not isinstance(ex, fastpath.LeanExtractor):
+            from featurize.pipeline import tune_allocator
 
             tune_allocator()
-            run = run_pipeline
-        failed: dict[str, str] = {}
-        run(ex, todo, batch_size, resolve_workers(workers), {}, False, failed.__setitem__)
+        failed = stages.embed(ex, todo, batch_size, resolve_workers(workers)).failed
         errors += [(p, failed[h]) for p, h in hashes.items() if h in failed]
         found.update(space.vectors_for({p: h for p, h in hashes.items() if p not in found and h not in failed}))
     return found, errors

@@ -13,15 +13,13 @@ importing neither torch, torchvision nor timm (2-5 s of start-up saved on every 
 Anything the record does not cover (another engine, a GPU, a preprocessing this decoder does
 not reproduce) takes the full path.
 
-``drive`` (decoded batches -> engine -> writer, with the stage timings) is shared with the
-torch pipeline (``featurize.pipeline``).
+A ``LeanExtractor`` is a ``featurize.stages.Extractor``: ``featurize.stages.embed`` drives its
+reader and model as it drives the torch and Ray ones.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 
 from featurize import cache as fc
@@ -33,8 +31,9 @@ LEAN_ENGINES = ("auto", "openvino")
 
 @dataclass
 class LeanExtractor:
-    """What the full path's ``Extractor`` offers the extraction loop, without torch."""
+    """The stored engine's stages (``featurize.stages.Extractor``), without torch."""
 
+    label = "extract"
     space: fc.FeatureSpace
     record: dict
     folder: object  # the engine's folder in the store
@@ -52,6 +51,13 @@ class LeanExtractor:
             self._engine = enginestore.load_stored(self.folder, self.record["precision"], self.threads,
                                                    int(self.record["dim"]))
         return self._engine
+
+    def model(self):
+        self.space.claim_engine("openvino")  # one engine per space (featurize.cache.FeatureSpace.claim_engine)
+        return self.engine
+
+    def reader(self, paths: list[str], batch_size: int, workers: int):
+        return fastdecode.reader(paths, self.preprocess, batch_size, workers)
 
     def summary(self) -> dict:
         r = self.record
@@ -109,97 +115,3 @@ def lean_for_space(cache_dir, space_id: str, device: str = "auto") -> LeanExtrac
     record = {"space_id": space_id, "space": info, "engine": "openvino", "precision": info["precision"],
               "device": "cpu", "backbone": info.get("backbone"), "dim": int(info["dim"])}
     return LeanExtractor(space, record, folder, cpu_cores())
-
-
-def drive(engine, batches, todo: list[tuple[str, str]], writer, seconds: dict, bar, on_error) -> None:
-    """Feed decoded ``batches`` through ``engine.map`` into ``writer`` (rows keyed by ``todo``'s hashes).
-
-    Adds wall seconds to ``seconds``: ``decode`` (waiting for decoded batches), ``model``
-    (waiting for the engine) -- they do not overlap, so with ``write`` they add up to the loop's
-    wall time -- and ``decode_cpu`` (decoding time summed over the workers, for information).
-    """
-    feeding = [0.0]  # seconds the engine's map spent waiting for decoded batches
-
-    def fed():
-        it = iter(batches)
-        while True:
-            t = time.perf_counter()
-            b = next(it, None)
-            feeding[0] += time.perf_counter() - t
-            if b is None:
-                return
-            seconds["decode_cpu"] = seconds.get("decode_cpu", 0.0) + b["decode_s"]
-            for i, reason in b["errors"]:
-                on_error(todo[i][0], reason)
-            if bar and b["errors"]:
-                bar.update(len(b["errors"]))
-            if b["images"] is not None:
-                yield b["index"], b["images"]
-
-    results = engine.map(fed())
-    try:
-        while True:
-            t, f0 = time.perf_counter(), feeding[0]
-            item = next(results, None)
-            waited = time.perf_counter() - t
-            seconds["decode"] = seconds.get("decode", 0.0) + (feeding[0] - f0)
-            seconds["model"] = seconds.get("model", 0.0) + waited - (feeding[0] - f0)
-            if item is None:
-                break
-            index, emb = item
-            t = time.perf_counter()
-            writer.add([todo[i][0] for i in index], emb)
-            seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t
-            if bar:
-                bar.update(len(index))
-    finally:
-        if hasattr(results, "close"):
-            results.close()
-
-
-def progress_bar(n: int, progress: bool, desc: str = "extract"):
-    """A tqdm bar on stderr for ``n`` images, or None (no work, or progress off)."""
-    if not (progress and n):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=n, unit="img", desc=desc, dynamic_ncols=True, file=sys.stderr,
-                disable=None)  # None: only on a terminal, logs stay clean
-
-
-def finish(batches, writer, bar, seconds: dict) -> None:
-    """End a run, on success, Ctrl-C or error: stop the reader, keep what was embedded, close the bar.
-
-    The reader is closed now, in order: left to the garbage collector its decode workers die at
-    interpreter exit, mid-transfer, printing tracebacks.
-    """
-    t = time.perf_counter()
-    if hasattr(batches, "close"):
-        batches.close()  # joins the decode workers
-    seconds["decode"] = seconds.get("decode", 0.0) + time.perf_counter() - t
-    t = time.perf_counter()
-    writer.flush()  # what was embedded is kept, even on Ctrl-C
-    seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - t
-    if bar:
-        bar.close()
-
-
-def run_lean(ex: LeanExtractor, todo: list[tuple[str, str]], batch_size: int, workers: int, seconds: dict,
-             progress: bool, on_error) -> tuple[int, bool]:
-    """Embed ``todo`` [(hash, abspath)] with the stored engine, torch-free; return (rows written, interrupted)."""
-    ex.space.claim_engine("openvino")  # one engine per space (featurize.cache.FeatureSpace.claim_engine)
-    writer = fc.ShardWriter(ex.space)
-    bar = progress_bar(len(todo), progress)
-    interrupted = False
-    batches = None
-    try:
-        t = time.perf_counter()
-        engine = ex.engine
-        seconds["load_model"] = seconds.get("load_model", 0.0) + time.perf_counter() - t
-        batches = fastdecode.reader([p for _, p in todo], ex.preprocess, batch_size, workers)
-        drive(engine, batches, todo, writer, seconds, bar, on_error)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        finish(batches, writer, bar, seconds)
-    return writer.rows_written, interrupted

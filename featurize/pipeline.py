@@ -5,8 +5,9 @@
   ``featurize.gpu``);
 - model: an engine (``featurize.engines``) runs batched inference in ``inference_mode``;
 - writer: rows go to immutable HDF5 shards every few seconds (``featurize.cache``).
-``featurize.extract`` imports this module only when there is something to embed, so a
-re-run with nothing new never pays for importing torch.
+``featurize.stages.embed`` drives them (as it drives the lean and Ray paths); the extraction
+driver imports this module only when there is something to embed, so a re-run with nothing new
+never pays for importing torch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +22,6 @@ import torch
 from featurize import cache as fc
 from featurize.backbones import Backbone, get_backbone, resolve_device, resolve_precision
 from featurize.engines import LazyEngine, make_engine
-from featurize.fastpath import drive, finish, progress_bar
 from featurize.loading import ImageReader, reader, worker_init  # noqa: F401  (re-exported)
 from featurize.options import resolve_workers
 
@@ -54,14 +53,29 @@ def default_workers() -> int:
 
 @dataclass
 class Extractor:
-    """A built backbone + engine + feature space, ready to embed batches."""
+    """A built backbone + engine + feature space: the torch path's stages (``featurize.stages.Extractor``)."""
 
+    label = "extract"
     backbone: Backbone
     engine: object
     device: torch.device
     precision: str
     space: fc.FeatureSpace
     build: dict = field(default_factory=dict)
+
+    def model(self):
+        if isinstance(self.engine, LazyEngine):  # build it now, so that the build (a conversion included)
+            _ = self.engine.engine               # is timed as load_model
+        # one engine per space: a fallback engine never adds vectors to another engine's space
+        self.space.claim_engine(getattr(self.engine, "name", "torch"))  # a LazyEngine names what it built
+        return self.engine
+
+    def reader(self, paths: list[str], batch_size: int, workers: int):
+        from featurize.gpu import device_reader, gpu_decode_available
+
+        if gpu_decode_available(self.device):  # nvjpeg: JPEGs decode and resize on the GPU
+            return device_reader(paths, self.backbone.preprocess, batch_size, workers, self.device)
+        return reader(paths, self.backbone.preprocess, batch_size, workers, pin=self.device.type == "cuda")
 
 
 def build_extractor(cache_dir, backbone: str, weights: str | None = None, device: str = "auto",
@@ -81,37 +95,3 @@ def build_extractor(cache_dir, backbone: str, weights: str | None = None, device
     eng = make_engine(bb, dev, prec, engine, cache_dir=cache_dir, space_id=space.space_id, lazy=True)
     space.create({**config, "build": build, "dim": bb.dim}, bb.dim)
     return Extractor(bb, eng, dev, prec, space, build)
-
-
-def run_pipeline(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, workers: int, seconds: dict,
-                  progress: bool, on_error) -> tuple[int, bool]:
-    """Embed ``todo`` [(hash, abspath)] into the space; return (rows written, interrupted).
-
-    Adds the load_model/decode/model/write seconds into ``seconds`` (updated in place) and
-    calls ``on_error(hash, reason)`` for each file that cannot be decoded.
-    """
-    writer = fc.ShardWriter(ex.space)
-    bar = progress_bar(len(todo), progress)
-    interrupted = False
-    batches = None
-    if todo and isinstance(ex.engine, LazyEngine):  # build it now, timed as load_model (hasattr() would
-        # evaluate the property, so the build - a conversion included - went untimed)
-        t = time.perf_counter()
-        _ = ex.engine.engine  # the property builds it
-        seconds["load_model"] = seconds.get("load_model", 0.0) + time.perf_counter() - t
-    if todo:  # one engine per space: a fallback engine never adds vectors to another engine's space
-        ex.space.claim_engine(getattr(ex.engine, "name", "torch"))  # a LazyEngine names what it built
-    try:
-        from featurize.gpu import device_reader, gpu_decode_available
-
-        if gpu_decode_available(ex.device):  # nvjpeg: JPEGs decode and resize on the GPU
-            batches = device_reader([p for _, p in todo], ex.backbone.preprocess, batch_size, workers, ex.device)
-        else:
-            batches = reader([p for _, p in todo], ex.backbone.preprocess, batch_size, workers,
-                             pin=ex.device.type == "cuda")
-        drive(ex.engine, batches, todo, writer, seconds, bar, on_error)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        finish(batches, writer, bar, seconds)
-    return writer.rows_written, interrupted
