@@ -51,10 +51,60 @@ def cli(*args, env=None) -> tuple[dict, float, str]:
     return json.loads(p.stdout.strip().splitlines()[-1]), wall, p.stderr
 
 
-def bench_ray(tmp: Path, rounds: int) -> list[dict]:
-    data = DATA / "flowers"
+# Runs the CLI in this subprocess with ShardWriter.add timed: when each batch of vectors reached the writer
+# (the driver's side of every path: local threads, the torch pipeline, Ray), written as JSON to argv[1].
+_TIMED = """
+import atexit, json, sys, time
+from featurize import cache as fc
+arrivals = []
+add = fc.ShardWriter.add
+def timed(self, hashes, emb):
+    add(self, hashes, emb)
+    arrivals.append((time.time(), len(hashes)))
+fc.ShardWriter.add = timed
+atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps(arrivals)))
+import cli
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def timed_cli(out: Path, *args) -> tuple[dict, dict]:
+    """One `extract` in a fresh process: its summary, and start-up / steady / wall measured from outside.
+
+    start-up s: process spawn -> the first vectors reach the writer (imports, scan, hash, model or
+    runtime + workers, the first batch); steady img/s: the images after the first batch over the time
+    from the first to the last batch reaching the writer; wall s: spawn -> exit (shutdown included).
+    """
+    spawn = time.time()
+    p = subprocess.run([sys.executable, "-c", _TIMED, str(out), *map(str, args), "--json"], capture_output=True,
+                       text=True, cwd=ROOT)
+    wall = time.time() - spawn
+    if p.returncode:
+        raise SystemExit(f"failed: {args}\n{p.stderr[-3000:]}")
+    arrivals = json.loads(out.read_text())
+    (t1, n1), last = arrivals[0], arrivals[-1][0]
+    total = sum(n for _, n in arrivals)
+    return json.loads(p.stdout.strip().splitlines()[-1]), {
+        "startup_s": round(t1 - spawn, 2), "steady_img_per_s": round((total - n1) / (last - t1), 1) if last > t1 else None,
+        "wall_s": round(wall, 2), "after_last_s": round(spawn + wall - last, 2), "batches": len(arrivals),
+        "first_batch_rows": n1, "vectors": total, "whole_img_per_s": round(total / wall, 1)}
+
+
+def ray_head(start: bool) -> None:
+    """`ray start --head` (2 CPUs, no dashboard) for the `--ray auto` contender, or `ray stop`."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_cli, "start", "--head", "--num-cpus", str(os.cpu_count()), "--include-dashboard=false",
+           "--disable-usage-stats"] if start else [ray_cli, "stop"]
+    subprocess.run(cmd, capture_output=True, text=True, check=start)
+
+
+def bench_ray(tmp: Path, rounds: int, sets: list[str], contenders: list[str]) -> list[dict]:
+    """Local engine vs `--ray` (a runtime started by the run) vs `--ray auto` (joining a runtime already
+    running), alternating in fresh processes, each into a fresh cache; the OpenVINO conversion is done
+    once before (every contender reuses it from the per-user engine store)."""
     warm = tmp / "warm"
     sample = tmp / "sample"
+    data = DATA / "flowers"
     for c in sorted(p for p in data.iterdir() if p.is_dir()):  # 10 files convert the engine into the engine store
         for f in sorted(c.iterdir())[:2]:
             (sample / c.name).mkdir(parents=True, exist_ok=True)
@@ -62,23 +112,28 @@ def bench_ray(tmp: Path, rounds: int) -> list[dict]:
     cli("extract", sample, "--cache", warm, "--no-progress")
     rows = []
     for r in range(rounds):
-        for how in ("local", "ray"):
-            cache = tmp / f"{how}-{r}"
-            before = load()
-            args = ["extract", data, "--cache", cache, "--no-progress"] + (["--ray"] if how == "ray" else [])
-            s, wall, _ = cli(*args)
-            sec = s["seconds"]
-            row = {"contender": how, "round": r, "images": s["embedded"], "wall_s": round(wall, 2),
-                   "img_per_s": s["images_per_second"], "engine": s["engine"], "precision": s["precision"],
-                   "seconds": sec, "load_before": before}
-            if how == "ray":
-                info = s["ray"]
-                steady = (s["embedded"] - 0) / max(info["run_seconds"] - info["first_batch_seconds"], 1e-9)
-                row.update(ray=info, startup_s=round(info["connect_seconds"] + info["first_batch_seconds"], 2),
-                           steady_img_per_s=round(steady, 1))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            shutil.rmtree(cache)
+        for name in sets:
+            for how in contenders:
+                cache = tmp / f"{how}-{r}"
+                flag = {"local": [], "ray": ["--ray"], "ray-auto": ["--ray", "auto"]}[how]
+                if how == "ray-auto":
+                    ray_head(True)  # started outside the measured run: what a running cluster saves
+                before = load()
+                try:
+                    s, m = timed_cli(tmp / "arrivals.json", "extract", DATA / name, "--cache", cache, "--no-progress",
+                                     *flag)
+                finally:
+                    if how == "ray-auto":
+                        ray_head(False)
+                row = {"dataset": name, "contender": how, "round": r, "images": s["embedded"], **m,
+                       "summary_img_per_s": s["images_per_second"], "engine": s["engine"],
+                       "precision": s["precision"], "seconds": s["seconds"], "load_before": before,
+                       "load_after": load()}
+                if "ray" in s:
+                    row["ray"] = s["ray"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                shutil.rmtree(cache)
     return rows
 
 
@@ -195,6 +250,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", default="ray,writer,chest")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--sets", default="flowers,chest_xray", help="ray section: datasets under shared/datasets")
+    p.add_argument("--contenders", default="local,ray,ray-auto", help="ray section: local, ray, ray-auto")
     p.add_argument("--cache", default="/tmp/fzcache", help="a cache with chest_xray extracted (copied, not written)")
     p.add_argument("--big", default=None, help="folder for the generated 2M x 1,280 space (sgd section)")
     p.add_argument("--n", type=int, default=2_000_000)
@@ -208,7 +265,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         tmp = Path(tmp)
         if "ray" in only:
-            res["ray"] = bench_ray(tmp, args.rounds)
+            res["ray"] = bench_ray(tmp, args.rounds, args.sets.split(","), args.contenders.split(","))
         if "writer" in only:
             res["writer"] = bench_writer(tmp)
         if "chest" in only:

@@ -6,6 +6,16 @@ The driver (the ``extract`` process) scans, hashes, plans and writes exactly as 
     paths (driver) -> decode + resize tasks (any node) -> actor pool, one engine per actor
     (GPUs when asked) -> vectors streamed back -> the driver's ``ShardWriter`` -> index
 
+When the request has already run locally with OpenVINO (the per-user engine store holds its
+engine and record, ``featurize.fastpath``) and the workers are CPU workers, the torch-free
+variant runs: the driver never imports torch, and each actor decodes its block of paths in its
+own threads into the stored engine (a local torch-free run per block):
+
+    paths (driver) -> actor pool (decode threads + stored OpenVINO engine) -> vectors -> writer
+
+On a CPU node decode tasks beside the actor only fight the engine for the same cores and ship
+decoded pixels through the object store; the actor owns the node, as a local run owns the machine.
+
 Why vectors come back to the driver instead of each worker writing shards on shared storage:
 the crash story stays the local one (only the driver writes; a ``kill -9`` of it loses at most
 the shard being filled, the next run deletes its temp files and re-embeds the rest), the cache
@@ -31,6 +41,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -148,12 +159,29 @@ class RayPipeline:
 
     def build_extractor(self, cache_dir, backbone: str, weights: str | None, device: str, precision: str,
                         engine: str):
-        """Connect, then build the backbone here only for its feature space (the engine runs on workers)."""
+        """Connect, then build the backbone here only for its feature space (the engine runs on workers).
+
+        When the request has run locally on this machine with OpenVINO (the engine store has its record
+        and engine, as for a torch-free local run: ``featurize.fastpath``) and the workers are CPU
+        workers, nothing is built: neither the driver nor a worker whose node stores the engine imports
+        torch, and each worker decodes in its own threads, as a local run (:class:`_StoredEmbedder`).
+        """
+        self.connect()
+        asked = (device, precision)
+        device, precision = self.resolve(device, precision)
+        lean = self._stored(cache_dir, backbone, weights, *asked, engine) if device == "cpu" else None
+        if lean is not None:
+            rec = lean.record
+            self.spec = {"stored": True, "backbone": backbone if not os.path.isdir(backbone)
+                         else os.path.realpath(backbone), "weights": os.path.realpath(weights) if weights else None,
+                         "device": "cpu", "precision": rec["precision"], "engine": "openvino",
+                         "space_id": rec["space_id"], "dim": int(rec["dim"]), "preprocess": lean.preprocess}
+            bb = _Described(rec["backbone"], int(rec["dim"]), lean.preprocess)
+            return RayExtractor(bb, _WorkerEngine("openvino"), "cpu", rec["precision"], lean.space, self)
         import torch
 
         from featurize.backbones import get_backbone, resolve_precision
-        self.connect()
-        device, precision = self.resolve(device, precision)
+
         if device == "cpu":
             precision = resolve_precision(precision, torch.device("cpu"))
         elif precision not in ("fp32", "bf16", "fp16"):
@@ -167,10 +195,18 @@ class RayPipeline:
         engine = space.engine_for(engine)  # as local runs: auto keeps the engine whose vectors the space holds
         if engine != "auto":  # refused here, before the cluster starts, when another engine holds the space
             space.claim_engine(engine)
-        self.spec = {"backbone": build["backbone"], "weights": build["weights"], "device": device,
+        self.spec = {"stored": False, "backbone": build["backbone"], "weights": build["weights"], "device": device,
                      "precision": precision, "engine": engine,
                      "space_id": space.space_id, "dim": bb.dim}
         return RayExtractor(bb, _WorkerEngine(engine), torch.device(device), precision, space, self)
+
+    @staticmethod
+    def _stored(cache_dir, backbone, weights, device, precision, engine):
+        """The local torch-free extractor of this request (``fastpath.lean_extractor``), or None."""
+        from featurize import fastpath
+        from featurize.extract import request_key
+
+        return fastpath.lean_extractor(cache_dir, request_key(backbone, weights, device, precision), engine)
 
     def close(self) -> None:
         if self._started:
@@ -188,24 +224,37 @@ class RayPipeline:
         import ray.data
 
         table = pa.table({"i": np.arange(len(paths), dtype=np.int64), "path": paths})
-        # CPU actors run two batches in flight (OpenVINO's two streams); the decode tasks share the cores.
-        per_call = batch_size if self.gpus else 2 * batch_size
-        # one decode task per model call: the first model call can start as soon as one call's images are
-        # decoded, and vectors stream back call by call (with blocks of many calls, a call's rows come back
-        # only when its whole block is embedded: the first rows of a 1,000-image run arrived at the end)
-        per_block = max(per_call, math.ceil(len(paths) / 20_000))  # at most ~20k blocks for the driver to track
-        ds = ray.data.from_arrow([table.slice(o, per_block) for o in range(0, len(paths), per_block)])
-        # decode runs in tasks of their own on every free core of every node. Declaring their memory (a
-        # decoded batch plus the files) also keeps Ray Data from fusing them into the model actors (it
-        # fuses stages with equal resource requests), where decoding would wait for the model.
-        crop = ex.backbone.preprocess.crop
-        ds = ds.map_batches(_decode, fn_kwargs={"preprocess": ex.backbone.preprocess}, batch_size=batch_size,
-                            batch_format="numpy", num_cpus=1, memory=per_block * (3 * crop * crop + (1 << 20)))
         # Two calls queued per actor hide the hand-over without letting the first actor up take a small run.
-        ds = ds.map_batches(_Embedder, fn_constructor_kwargs={"spec": self.spec}, batch_size=per_call,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.actors, max_tasks_in_flight_per_actor=2),
-                            num_gpus=self.gpus or None, num_cpus=1)
+        pool = ray.data.ActorPoolStrategy(size=self.actors, max_tasks_in_flight_per_actor=2)
+        if self.spec["stored"]:
+            # CPU workers with the stored engine: paths in, vectors out. Each actor decodes in its own
+            # threads beside its engine, as a local run: no decode task competes with the engine for the
+            # node's cores and no decoded pixels go through the object store. Blocks grow from two model
+            # calls (the first vectors come back early) to STORED_BLOCK_CALLS (fewer hand-overs, at each
+            # of which the actor's decode -> engine pipeline drains).
+            blocks = _growing_blocks(len(paths), 2 * batch_size, max(STORED_BLOCK_CALLS * batch_size,
+                                                                     math.ceil(len(paths) / 20_000)))
+            ds = ray.data.from_arrow([table.slice(o, n) for o, n in blocks])
+            ds = ds.map_batches(_StoredEmbedder, fn_constructor_kwargs={"spec": self.spec, "batch_size": batch_size},
+                                batch_size=None, batch_format="numpy", compute=pool, num_cpus=1)
+        else:
+            # CPU actors run two batches in flight (OpenVINO's two streams); the decode tasks share the cores.
+            per_call = batch_size if self.gpus else 2 * batch_size
+            # one decode task per model call: the first model call can start as soon as one call's images are
+            # decoded, and vectors stream back call by call (with blocks of many calls, a call's rows come back
+            # only when its whole block is embedded: the first rows of a 1,000-image run arrived at the end)
+            per_block = max(per_call, math.ceil(len(paths) / 20_000))  # at most ~20k blocks for the driver to track
+            ds = ray.data.from_arrow([table.slice(o, per_block) for o in range(0, len(paths), per_block)])
+            # decode runs in tasks of their own on every free core of every node. Declaring their memory (a
+            # decoded batch plus the files) also keeps Ray Data from fusing them into the model actors (it
+            # fuses stages with equal resource requests), where decoding would wait for the model.
+            crop = ex.backbone.preprocess.crop
+            ds = ds.map_batches(_decode, fn_kwargs={"preprocess": ex.backbone.preprocess}, batch_size=batch_size,
+                                batch_format="numpy", num_cpus=1, memory=per_block * (3 * crop * crop + (1 << 20)))
+            ds = ds.map_batches(_Embedder, fn_constructor_kwargs={"spec": self.spec}, batch_size=per_call,
+                                batch_format="numpy", compute=pool, num_gpus=self.gpus or None, num_cpus=1)
         t0, nodes, first, worker_model = time.perf_counter(), set(), 0.0, 0.0
+        built, worker_load, wall0, calls = set(), 0.0, time.time(), {}  # calls: per actor, [ready, first, last]
         claimed = None
         try:
             for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -217,6 +266,10 @@ class RayPipeline:
                 worker_model += float(b["model_s"].sum())
                 ex.engine.name, ex.engine.device = str(b["engine"][0]), str(b["device"][0])
                 nodes.update(b["node"].tolist())
+                built.update(b["built"].tolist())
+                worker_load = max(worker_load, float(b["load_s"].max()))
+                c = calls.setdefault(str(b["actor"][0]), [float(b["ready_at"][0]), math.inf, 0.0])
+                c[1], c[2] = min(c[1], float(b["call_at"][0])), max(c[2], float(b["done_at"][0]))
                 # the driver's wall clock: "model" is its wait for the cluster (decode + model run there)
                 yield {"index": [int(i) for i in b["i"][ok]], "images": b["emb"][ok] if ok.any() else None,
                        "errors": [(int(i), str(r)) for i, r in zip(b["i"][~ok], b["error"][~ok])],
@@ -233,8 +286,22 @@ class RayPipeline:
         finally:
             # first_batch_seconds: workers started, model built, first batch embedded (the start-up cost)
             self.info.update(run_seconds=round(time.perf_counter() - t0, 3), nodes_used=len(nodes),
-                             first_batch_seconds=round(first, 3), worker_model_seconds=round(worker_model, 3))
+                             first_batch_seconds=round(first, 3), worker_model_seconds=round(worker_model, 3),
+                             worker_load_seconds=round(worker_load, 3), worker_engines=sorted(built))
+            if calls:  # when the model workers were up, and how long they were busy (their clocks: one machine's)
+                self.info.update(
+                    workers_ready_seconds=round(max(c[0] for c in calls.values()) - wall0, 3),
+                    first_call_seconds=round(min(c[1] for c in calls.values()) - wall0, 3),
+                    worker_span_seconds=round(sum(c[2] - c[1] for c in calls.values()), 3))
             self.close()
+
+
+class _Described(NamedTuple):
+    """What the driver needs of a backbone whose engine only the workers load (the stored-engine path)."""
+
+    name: str
+    dim: int
+    preprocess: dict
 
 
 class _WorkerEngine:
@@ -253,9 +320,9 @@ class RayExtractor:
     """The stages of ``extract --ray`` (``featurize.stages.Extractor``): reader and model run on the cluster."""
 
     label = "extract (ray)"
-    backbone: object  # featurize.backbones.Backbone, built here only for its feature space
+    backbone: object  # featurize.backbones.Backbone built here only for its feature space (_Described: stored path)
     engine: _WorkerEngine
-    device: object  # torch.device
+    device: object  # torch.device ("cpu" on the stored path, which never imports torch here)
     precision: str
     space: fc.FeatureSpace
     cluster: RayPipeline
@@ -312,33 +379,21 @@ class _Embedder:
     """A Ray actor: one backbone + engine, built once, embedding decoded batches."""
 
     def __init__(self, spec: dict):
-        import torch
-
-        from featurize.backbones import get_backbone, resolve_device
-        from featurize.engines import cpu_cores, make_engine
         from featurize.pipeline import tune_allocator
 
+        t = time.perf_counter()
         tune_allocator()
-        bb = get_backbone(spec["backbone"], weights=spec["weights"])
-        sid = fc.space_id_for(bb.space_config(spec["precision"]))
-        if sid != spec["space_id"]:
-            raise RuntimeError(f"the Ray worker on {socket.gethostname()} builds feature space {sid}, the driver "
-                               f"{spec['space_id']}: install the same featurize, backbone weights and library "
-                               "versions on every node")
-        dev = resolve_device(spec["device"])
-        if dev.type == "cpu":
-            torch.set_num_threads(cpu_cores())  # Ray sets 1 thread per reserved CPU; the engine owns the node
-        # OpenVINO's converted model is kept once per user and node (featurize.enginestore): converted on a
-        # node's first run, reused after
-        self.engine = make_engine(bb, dev, spec["precision"], spec["engine"], space_id=sid)
-        self.dim, self.dev = spec["dim"], str(dev)
+        self.engine, dev = _build_engine(spec)
+        self.dim, self.dev, self.built, self.load_s = spec["dim"], str(dev), "backbone", time.perf_counter() - t
         import ray
 
-        self.node = ray.get_runtime_context().get_node_id()
+        self.node, self.ready_at = ray.get_runtime_context().get_node_id(), time.time()
+        self.actor = f"{self.node}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
+        call_at = time.time()
         n = len(batch["i"])
         ok = np.flatnonzero(batch["error"] == "")
         emb = np.zeros((n, self.dim), np.float32)
@@ -351,6 +406,106 @@ class _Embedder:
             for k, out in self.engine.map(parts):
                 emb[ok[k:k + len(out)]] = out
         model_s = time.perf_counter() - t
-        return {"i": batch["i"], "emb": emb, "error": batch["error"], "decode_s": batch["decode_s"],
-                "model_s": np.full(n, model_s / max(n, 1)), "engine": np.array([self.engine.name] * n, dtype=object),
-                "device": np.array([self.dev] * n, dtype=object), "node": np.array([self.node] * n, dtype=object)}
+        return _result(self, batch["i"], emb, batch["error"], batch["decode_s"], model_s, call_at)
+
+
+#: model calls per block (Ray batch) for the stored-engine workers, once the first blocks are back
+STORED_BLOCK_CALLS = 8
+
+
+def _growing_blocks(n: int, first: int, most: int) -> list[tuple[int, int]]:
+    """(offset, size) of blocks covering ``n`` rows: ``first`` rows, then doubling up to ``most``."""
+    out, o, size = [], 0, max(1, first)
+    while o < n:
+        out.append((o, min(size, n - o)))
+        o += size
+        size = min(2 * size, max(most, first))
+    return out
+
+
+def _build_engine(spec: dict):
+    """The backbone and engine built with torch (the full path), checked against the driver's feature space."""
+    import torch
+
+    from featurize.backbones import get_backbone, resolve_device
+    from featurize.engines import cpu_cores, make_engine
+
+    bb = get_backbone(spec["backbone"], weights=spec["weights"])
+    sid = fc.space_id_for(bb.space_config(spec["precision"]))
+    if sid != spec["space_id"]:
+        raise RuntimeError(f"the Ray worker on {socket.gethostname()} builds feature space {sid}, the driver "
+                           f"{spec['space_id']}: install the same featurize, backbone weights and library "
+                           "versions on every node")
+    dev = resolve_device(spec["device"])
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_cores())  # Ray sets 1 thread per reserved CPU; the engine owns the node
+    # OpenVINO's converted model is kept once per user and node (featurize.enginestore): converted on a
+    # node's first run, reused after
+    return make_engine(bb, dev, spec["precision"], spec["engine"], space_id=sid), dev
+
+
+def _result(actor, i, emb, error, decode_s, model_s: float, call_at: float) -> dict:
+    """A model worker's output batch: the driver's loop reads these columns."""
+    n = len(i)
+
+    def col(v):
+        return np.array([v] * n, dtype=object)
+
+    return {"i": i, "emb": emb, "error": error, "decode_s": decode_s, "model_s": np.full(n, model_s / max(n, 1)),
+            "engine": col(actor.engine.name), "device": col(actor.dev), "node": col(actor.node),
+            "built": col(actor.built), "load_s": np.full(n, actor.load_s), "actor": col(actor.actor),
+            "ready_at": np.full(n, actor.ready_at), "call_at": np.full(n, call_at), "done_at": np.full(n, time.time())}
+
+
+class _StoredEmbedder:
+    """A Ray actor for CPU workers when the engine store holds the space's engine: a local torch-free
+    run per block of paths (``fastdecode`` threads -> the stored OpenVINO engine), the same pixels and
+    engine as ``extract`` without Ray on this machine.
+
+    A node whose store lacks the engine converts it once (with torch, checked against the driver's
+    feature space) and stores it for the next run.
+    """
+
+    def __init__(self, spec: dict, batch_size: int):
+        import ray
+
+        from featurize import enginestore, fastpath
+
+        t = time.perf_counter()
+        self.threads = fastpath.cpu_cores()  # the engine and the decode threads own the node, as locally
+        folder = enginestore.engine_dir(spec["space_id"])
+        if enginestore.is_complete(folder):
+            self.engine, self.built = enginestore.load_stored(folder, spec["precision"], self.threads, spec["dim"]), \
+                "stored"
+        else:
+            self.engine, self.built = _build_engine(spec)[0], "converted"
+        self.spec, self.batch_size, self.dim, self.dev = spec, batch_size, spec["dim"], "cpu"
+        self.load_s = time.perf_counter() - t
+        self.node, self.ready_at = ray.get_runtime_context().get_node_id(), time.time()
+        self.actor = f"{self.node}:{os.getpid()}"
+
+    def __call__(self, batch: dict) -> dict:
+        from featurize import fastdecode
+
+        call_at = time.time()
+        paths = [str(p) for p in batch["path"]]
+        n = len(paths)
+        emb = np.zeros((n, self.dim), np.float32)
+        errors, decode_s = np.full(n, "", dtype=object), np.zeros(n)
+
+        def decoded():
+            for b in fastdecode.reader(paths, self.spec["preprocess"], self.batch_size, self.threads):
+                for i, reason in b["errors"]:
+                    if not os.path.isdir(os.path.dirname(paths[i])):
+                        raise WorkerCannotRead(f"Ray worker on {socket.gethostname()} cannot read "
+                                               f"{os.path.dirname(paths[i])}")
+                    errors[i] = reason
+                ids = list(b["index"]) + [i for i, _ in b["errors"]]
+                decode_s[ids] = b["decode_s"] / max(1, len(ids))
+                if b["images"] is not None:
+                    yield b["index"], b["images"]
+
+        t = time.perf_counter()
+        for index, out in self.engine.map(decoded()):
+            emb[index] = out
+        return _result(self, batch["i"], emb, errors, decode_s, time.perf_counter() - t, call_at)

@@ -245,11 +245,13 @@ def _extract(data, cache_dir, backbone, weights, batch_size, workers, device, pr
         if (todo is None or todo) and lean is None:  # unknown request or work to do: build the model (torch)
             t = time.perf_counter()  # importing torch is part of loading the model (2-5 s)
             try:
-                from featurize.pipeline import build_extractor, tune_allocator
+                if rp:  # torch only when the workers' engine is not in the engine store (featurize.distributed)
+                    ex = rp.build_extractor(cache_dir, backbone, weights, device, precision, engine)
+                else:
+                    from featurize.pipeline import build_extractor, tune_allocator
 
-                tune_allocator()
-                ex = (rp.build_extractor if rp else build_extractor)(cache_dir, backbone, weights, device, precision,
-                                                                     engine)
+                    tune_allocator()
+                    ex = build_extractor(cache_dir, backbone, weights, device, precision, engine)
             except KeyboardInterrupt:
                 raise Interrupted("Interrupted while loading the model, before any image was embedded; "
                                   "re-run the same command.") from None

@@ -170,3 +170,46 @@ def test_ray_keeps_the_space_engine_and_never_mixes_engines(address, tmp_path):
     with pytest.raises(UserError, match="holds vectors from the torch engine"):  # refused before the cluster runs
         extract(make_dataset(tmp_path / "d3", per_class=2, seed=200), cache, ray=address, engine="openvino", **FAST)
     assert space.held_engine() == "torch" and len(set(disk_rows(cache))) == 8
+
+
+_STORED_DRIVER = """
+import json, sys
+from featurize.extract import extract
+s = extract(sys.argv[1], sys.argv[2], backbone="tiny", engine="openvino", precision="fp32", progress=False,
+            batch_size=4, ray=sys.argv[3])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "timm"))
+print(json.dumps({"summary": s, "heavy": heavy}))
+"""
+
+
+def test_a_request_the_engine_store_holds_runs_torch_free_with_the_local_rows_and_vectors(address, tmp_path):
+    """After a local OpenVINO run, `--ray` of that request imports no torch on the driver, and its CPU
+    workers decode in their own threads into the stored engine: the rows and vectors of the local
+    torch-free run of the same request, bad files recorded with the local reasons."""
+    pytest.importorskip("openvino")
+    import json
+    import subprocess
+
+    from featurize.distributed import WorkerCannotRead, _StoredEmbedder
+
+    d = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=9)
+    (d / "a" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    ov = dict(backbone="tiny", engine="openvino", precision="fp32", progress=False)
+    extract(d, tmp_path / "first", workers=0, **ov)  # converts the engine into the store, records the request
+    local = extract(d, tmp_path / "local", **ov)  # the torch-free local run
+    p = subprocess.run([sys.executable, "-c", _STORED_DRIVER, str(d), str(tmp_path / "c"), address],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    s = out["summary"]
+    assert out["heavy"] == [], out["heavy"][:5]  # the driver never imported torch
+    assert s["ray"]["worker_engines"] == ["stored"] and s["engine"] == "openvino"
+    assert (s["space_id"], s["embedded"], s["failed"]) == (local["space_id"], 18, 1)
+    assert "not an image" in {e["path"]: e["reason"] for e in s["errors"]}["a/corrupt.jpg"]
+    assert_same_as_local(tmp_path / "c", tmp_path / "local", d)
+    # a worker that cannot see the folder says so (the driver turns it into a one-line error)
+    spec = {"space_id": s["space_id"], "precision": "fp32", "dim": s["dim"],
+            "preprocess": fc.FeatureSpace(tmp_path / "c", s["space_id"]).info()["preprocess"]}
+    worker = _StoredEmbedder(spec, 4)
+    with pytest.raises(WorkerCannotRead, match="cannot read .*not-mounted"):
+        worker({"i": np.arange(1), "path": np.array([str(tmp_path / "not-mounted" / "a.jpg")], dtype=object)})
