@@ -366,7 +366,7 @@ def _decode(batch: dict, preprocess) -> dict:
     imgs = np.zeros((len(paths), 3, preprocess.crop, preprocess.crop), np.uint8)
     errors, decode_s = [], np.zeros(len(paths))
     for k in range(len(paths)):
-        _, img, err, decode_s[k] = reader[k]
+        _, img, err, decode_s[k], _ = reader[k]  # the notes stay in the worker (not carried back yet)
         if img is None and not os.path.isdir(os.path.dirname(paths[k])):
             raise WorkerCannotRead(f"Ray worker on {socket.gethostname()} cannot read {os.path.dirname(paths[k])}")
         if img is not None:

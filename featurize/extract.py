@@ -274,6 +274,7 @@ def _extract(data, cache_dir, backbone, weights, batch_size, workers, device, pr
         seconds["index"] += time.perf_counter() - t
 
         failed: dict[str, str] = {}
+        said: dict[str, list[str]] = {}  # what the decoders said about each file
         written, interrupted = 0, False
         # more workers than cores only cost memory: --workers 999 forked 836 processes (18 GB)
         n_workers = (fastpath.cpu_cores() if lean else resolve_workers(None)) if workers is None \
@@ -285,7 +286,7 @@ def _extract(data, cache_dir, backbone, weights, batch_size, workers, device, pr
             t = time.perf_counter()
             emb = stages.embed(lean or ex, todo, batch_size, n_workers, progress)
             pipe_s = time.perf_counter() - t - emb.seconds.get("load_model", 0.0)
-            written, interrupted, failed = emb.written, emb.interrupted, emb.failed
+            written, interrupted, failed, said = emb.written, emb.interrupted, emb.failed, emb.notes
             for k, v in emb.seconds.items():
                 seconds[k] = seconds.get(k, 0.0) + v
             known = space.known_hashes()
@@ -299,6 +300,7 @@ def _extract(data, cache_dir, backbone, weights, batch_size, workers, device, pr
         n_ok = sum(s == fc.STATUS_OK for s in statuses)
         n_err = sum(s.startswith("error") for s in statuses)
         run = dict(index.extractions.get(sid, {}))
+        run["notes"] = _kept_notes(run.get("notes"), said, hashes, statuses)
         if lean is not None:
             run.update(lean.summary())
         elif ex is not None:
@@ -340,7 +342,8 @@ def _extract(data, cache_dir, backbone, weights, batch_size, workers, device, pr
         "n_label_conflicts": len(conflicts), "label_conflicts": conflicts[:50],
         "n_split_overlaps": len(overlaps), "split_overlaps": overlaps[:50],
         "ok": n_ok, "failed": n_err, "pending": sum(s == fc.STATUS_PENDING for s in statuses),
-        "errors": [{"path": p, "reason": r} for p, r in index.errors()][:50],
+        "errors": _errors(index, run["notes"]),
+        **_warnings(index, run["notes"]),
         "seconds": {k: round(v, 3) for k, v in seconds.items()}, "wall_seconds": round(wall, 3),
         "decode_cpu_seconds": round(decode_cpu, 3),  # decoding summed over the workers (they overlap the model)
         # end to end: decode + model + write, i.e. the wall time after the model was ready
@@ -353,6 +356,32 @@ def _extract(data, cache_dir, backbone, weights, batch_size, workers, device, pr
         raise Interrupted(f"Interrupted: {written} images embedded and saved, {summary['pending']} still pending; "
                           "re-run the same command to resume.")
     return summary
+
+
+def _kept_notes(old, new: dict, hashes: list[str], statuses: list[str]) -> dict:
+    """What decoders said about each file (``{hash: [message]}``, kept in the run record): this
+    run's, and earlier runs' for files still ok or failed (a re-run does not decode them again)."""
+    ok = {h for h, st in zip(hashes, statuses) if h and st != fc.STATUS_PENDING}
+    kept = {h: m for h, m in old.items() if h in ok and isinstance(m, list)} if isinstance(old, dict) else {}
+    kept.update((h, m) for h, m in new.items() if h in ok)
+    return kept
+
+
+def _errors(index: fc.DatasetIndex, notes: dict) -> list[dict]:
+    """The first 50 files that failed, with their reason and what the decoders said, if anything."""
+    out = []
+    for p, h, st in zip(index.path, index.hash, index.status):
+        if st.startswith("error") and len(out) < 50:
+            out.append({"path": p, "reason": st[len("error: "):], **({"messages": notes[h]} if h in notes else {})})
+    return out
+
+
+def _warnings(index: fc.DatasetIndex, notes: dict) -> dict:
+    """Summary fields: ``warnings``, how many embedded images the decoders warned about (kept,
+    not printed), and ``warned``, the first 50 with their messages."""
+    warned = [{"path": p, "messages": notes[h]} for p, h, st in zip(index.path, index.hash, index.status)
+              if st == fc.STATUS_OK and h in notes]
+    return {"warnings": len(warned), "warned": warned[:50]}
 
 
 def _split_counts(splits: list[str], statuses: list[str]) -> dict:
@@ -434,6 +463,10 @@ def format_summary(s: dict) -> str:
     if s.get("n_split_overlaps"):
         lines.append(f"warning: {s['n_split_overlaps']} images are in more than one split with the same bytes, e.g. "
                      f"{' = '.join(s['split_overlaps'][0])}; held-out scores count them as unseen")
+    if s.get("warnings"):  # one line: what Pillow/libtiff/libjpeg said used to fill the screen
+        eg = "; ".join(f"{w['path']}: {w['messages'][0][:100]}" for w in s["warned"][:2])
+        lines.append(f"{s['warnings']} images decoded with warnings and were embedded, e.g. {eg} "
+                     "(all in --json)")
     for e in s["errors"][:10]:
         lines.append(f"  skipped {e['path']}: {e['reason']}")
     if s["failed"] > 10:

@@ -18,13 +18,13 @@ shared datasets), with two differences on purpose:
 from __future__ import annotations
 
 import time
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from featurize import decodenotes
 from featurize.pixels import BlankImage, UnusableFile, read_image_file, to_rgb
 
 #: Most pixels a decode may produce (Pillow's bomb threshold).
@@ -32,9 +32,6 @@ MAX_PIXELS = 89_478_485
 #: DCT-domain downscaling keeps at least this multiple of the resize target in each direction.
 DRAFT_MARGIN = 2
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-
-# The size check below replaces Pillow's warning (it counts the file's pixels, not the decode's).
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class DecodeError(Exception):
@@ -157,27 +154,36 @@ def read_preprocessed(path: str, preprocess: dict) -> np.ndarray:
 
 
 def _one(i: int, path: str, preprocess: dict):
+    """``(i, crop or None, error, seconds, notes)``: what the decoders said is recorded, not printed."""
     t = time.perf_counter()
-    try:
-        return i, read_preprocessed(path, preprocess), "", time.perf_counter() - t
-    except DecodeError as e:
-        return i, None, str(e), time.perf_counter() - t
-    except Exception as e:  # a decoder bug on one file must not end the run
-        return i, None, f"cannot decode ({type(e).__name__}: {e})", time.perf_counter() - t
+    with decodenotes.capture() as notes:
+        try:
+            return i, read_preprocessed(path, preprocess), "", time.perf_counter() - t, notes
+        except DecodeError as e:
+            return i, None, str(e), time.perf_counter() - t, notes
+        except Exception as e:  # a decoder bug on one file must not end the run
+            return i, None, f"cannot decode ({type(e).__name__}: {e})", time.perf_counter() - t, notes
 
 
 def _collate(items) -> dict:
-    ok = [(i, img) for i, img, _, _ in items if img is not None]
+    ok = [(i, img) for i, img, *_ in items if img is not None]
     return {"index": [i for i, _ in ok], "images": np.stack([img for _, img in ok]) if ok else None,
-            "errors": [(i, err) for i, img, err, _ in items if img is None], "decode_s": sum(t for *_, t in items)}
+            "errors": [(i, err) for i, img, err, *_ in items if img is None], "decode_s": sum(it[3] for it in items),
+            "notes": [(i, notes) for i, _, _, _, notes in items if notes]}
 
 
 def reader(paths: list[str], preprocess: dict, batch_size: int, workers: int, ahead: int = 3):
-    """Yield batches ``{index, images (uint8 NCHW numpy), errors [(i, reason)], decode_s}`` in order.
+    """Yield batches ``{index, images (uint8 NCHW numpy), errors [(i, reason)], decode_s, notes}`` in
+    order (``notes``: ``[(i, [message])]``, what the decoders said about each file, never printed).
 
     ``workers`` threads decode side by side (Pillow releases the GIL while decoding and
     resizing), up to ``ahead`` batches ahead of the consumer; no process is started.
     """
+    with decodenotes.active():  # one install of the message hooks for the whole run
+        yield from _batches(paths, preprocess, batch_size, workers, ahead)
+
+
+def _batches(paths: list[str], preprocess: dict, batch_size: int, workers: int, ahead: int):
     if workers < 1:  # in this process, one image at a time
         for start in range(0, len(paths), batch_size):
             yield _collate([_one(i, paths[i], preprocess) for i in range(start, min(start + batch_size, len(paths)))])
@@ -213,7 +219,8 @@ def first_decodable(candidates: list[tuple[str, str]], preprocess: dict | None =
     failed = []
     for key, path in candidates:
         try:
-            read_preprocessed(path, preprocess or {"resize": 64, "crop": 56, "interpolation": "bilinear"})
+            with decodenotes.capture():  # the reader records them when it decodes the file again
+                read_preprocessed(path, preprocess or {"resize": 64, "crop": 56, "interpolation": "bilinear"})
             return key, failed
         except DecodeError as e:
             failed.append((key, str(e)))

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from featurize import decodenotes
 from featurize.images import MAX_PIXELS, ImageError, Preprocess, decode_bytes, read_bytes
 from featurize.loading import ImageReader, make_loader
 
@@ -41,15 +42,17 @@ class BytesOrCrop(ImageReader):
 
     def __getitem__(self, i: int):
         t = time.perf_counter()
-        try:
-            data = read_bytes(self.paths[i])
-            if _plain_jpeg(data):
-                return i, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), "", time.perf_counter() - t
-            return i, "crop", self.preprocess(decode_bytes(data)), "", time.perf_counter() - t
-        except ImageError as e:
-            return i, None, None, str(e), time.perf_counter() - t
-        except Exception as e:
-            return i, None, None, f"cannot decode ({type(e).__name__}: {e})", time.perf_counter() - t
+        with decodenotes.capture() as notes:  # what the decoders said, recorded (featurize.decodenotes)
+            try:
+                data = read_bytes(self.paths[i])
+                if _plain_jpeg(data):
+                    return i, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), "", \
+                        time.perf_counter() - t, notes
+                return i, "crop", self.preprocess(decode_bytes(data)), "", time.perf_counter() - t, notes
+            except ImageError as e:
+                return i, None, None, str(e), time.perf_counter() - t, notes
+            except Exception as e:
+                return i, None, None, f"cannot decode ({type(e).__name__}: {e})", time.perf_counter() - t, notes
 
 
 def _collate(items):
@@ -70,9 +73,9 @@ def device_decode_batch(items, preprocess: Preprocess, device: torch.device):
     from torchvision.io import ImageReadMode, decode_jpeg
 
     crops: dict[int, torch.Tensor] = {}
-    errors = [(i, err) for i, kind, _, err, _ in items if kind is None]
-    jpeg = [(i, data) for i, kind, data, _, _ in items if kind == "jpeg"]
-    for i, kind, data, _, _ in items:
+    errors = [(i, err) for i, kind, _, err, *_ in items if kind is None]
+    jpeg = [(i, data) for i, kind, data, *_ in items if kind == "jpeg"]
+    for i, kind, data, *_ in items:
         if kind == "crop":
             crops[i] = data.to(device, non_blocking=True)
     if jpeg:
@@ -98,7 +101,8 @@ def device_decode_batch(items, preprocess: Preprocess, device: torch.device):
         "index": index,
         "images": torch.stack([crops[i] for i in index]) if index else None,
         "errors": sorted(errors),
-        "decode_s": sum(t for *_, t in items),
+        "decode_s": sum(it[4] for it in items),
+        "notes": [(i, notes) for i, _, _, _, _, notes in items if notes],
     }
 
 

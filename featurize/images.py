@@ -10,13 +10,13 @@ on the model's device (:meth:`Preprocess.normalize`).
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from featurize import decodenotes
 from featurize.fastdecode import MAX_PIXELS, DecodeError, _open, _reason
 from featurize.pixels import BlankImage, UnusableFile, read_image_file, to_rgb
 
@@ -30,13 +30,25 @@ def _header(data: bytes) -> tuple[str, tuple[int, int]]:
 
 
 def _pil_decode(data: bytes) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as im:
-            im.seek(0)  # first frame of animated GIF/WebP/TIFF
-            im = ImageOps.exif_transpose(im)
-            rgb = np.asarray(to_rgb(im))  # high bit depth windowed, not clipped to white
+    with Image.open(io.BytesIO(data)) as im:  # the size was checked by decode_bytes (_header)
+        im.seek(0)  # first frame of animated GIF/WebP/TIFF
+        im = ImageOps.exif_transpose(im)
+        rgb = np.asarray(to_rgb(im))  # high bit depth windowed, not clipped to white
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def _torchvision_jpeg(data: bytes) -> torch.Tensor:
+    """libjpeg-turbo through torchvision (1.6x Pillow's speed). Its libjpeg prints warnings such as
+    "Corrupt JPEG data: 4 extraneous bytes before marker" to fd 2: they become this image's notes
+    (``featurize.decodenotes``). A truncated file raises; "premature end" is one too."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    with decodenotes.capture() as said, decodenotes.stderr_captured():
+        img = decode_jpeg(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    if any("premature end" in n.lower() for n in said):
+        raise ImageError("truncated file (image data ends early)")
+    return img
 
 
 def decode_bytes(data: bytes) -> torch.Tensor:
@@ -45,6 +57,11 @@ def decode_bytes(data: bytes) -> torch.Tensor:
     Raises ``ImageError`` (with a reason fit for a status column) for empty, corrupt,
     truncated or oversized (decompression bomb) input.
     """
+    with decodenotes.capture():  # what decoders say goes to the caller's capture, never to stderr
+        return _decode(data)
+
+
+def _decode(data: bytes) -> torch.Tensor:
     if not data:
         raise ImageError("empty file (0 bytes)")
     fmt, (w, h) = _header(data)
@@ -52,24 +69,12 @@ def decode_bytes(data: bytes) -> torch.Tensor:
         raise ImageError(f"decompression bomb: {w}x{h} pixels exceeds the {MAX_PIXELS} limit")
     if fmt == "JPEG":
         try:
-            from torchvision.io import ImageReadMode, decode_jpeg
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # libjpeg's "premature end" is a truncated file
-                # torchvision >= 0.29 warns on every call that its decoders are deprecated; as an
-                # error, that sent every JPEG to Pillow (1.6x slower, same pixels)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                return decode_jpeg(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            return _torchvision_jpeg(data)
         except Exception:
             pass  # CMYK/12-bit/odd JPEGs, or a torchvision without decoders: Pillow decides
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return _pil_decode(data)
+        return _pil_decode(data)
     except Image.DecompressionBombError as e:
-        raise ImageError(f"decompression bomb: {e}") from None
-    except Image.DecompressionBombWarning as e:
         raise ImageError(f"decompression bomb: {e}") from None
     except BlankImage as e:
         raise ImageError(str(e)) from None

@@ -16,7 +16,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from featurize import fastdecode
+from featurize import decodenotes, fastdecode
 from featurize.images import ImageError, Preprocess, decode_bytes, read_bytes
 from featurize.options import resolve_workers
 
@@ -38,7 +38,10 @@ def decode_for_model(path: str, preprocess: Preprocess) -> torch.Tensor:
 
 
 class ImageReader(Dataset):
-    """Map-style dataset of files -> (index, uint8 crop or None, error, decode seconds)."""
+    """Map-style dataset of files -> (index, uint8 crop or None, error, decode seconds, notes).
+
+    ``notes``: what the decoders said about the file (``featurize.decodenotes``), never printed.
+    """
 
     def __init__(self, paths: list[str], preprocess: Preprocess):
         self.paths, self.preprocess = paths, preprocess
@@ -48,22 +51,24 @@ class ImageReader(Dataset):
 
     def __getitem__(self, i: int):
         t = time.perf_counter()
-        try:
-            img = decode_for_model(self.paths[i], self.preprocess)
-            return i, img, "", time.perf_counter() - t
-        except ImageError as e:
-            return i, None, str(e), time.perf_counter() - t
-        except Exception as e:  # a decoder bug on one file must not end the run
-            return i, None, f"cannot decode ({type(e).__name__}: {e})", time.perf_counter() - t
+        with decodenotes.capture() as notes:
+            try:
+                img = decode_for_model(self.paths[i], self.preprocess)
+                return i, img, "", time.perf_counter() - t, notes
+            except ImageError as e:
+                return i, None, str(e), time.perf_counter() - t, notes
+            except Exception as e:  # a decoder bug on one file must not end the run
+                return i, None, f"cannot decode ({type(e).__name__}: {e})", time.perf_counter() - t, notes
 
 
 def _collate(items):
-    ok = [(i, img) for i, img, err, _ in items if img is not None]
+    ok = [(i, img) for i, img, *_ in items if img is not None]
     return {
         "index": [i for i, _ in ok],
         "images": torch.stack([img for _, img in ok]) if ok else None,
-        "errors": [(i, err) for i, img, err, _ in items if img is None],
-        "decode_s": sum(t for *_, t in items),
+        "errors": [(i, err) for i, img, err, *_ in items if img is None],
+        "decode_s": sum(it[3] for it in items),
+        "notes": [(i, notes) for i, _, _, _, notes in items if notes],
     }
 
 
@@ -95,6 +100,7 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, collate_fn, sam
 
 
 def reader(paths: list[str], preprocess: Preprocess, batch_size: int, workers: int, pin: bool = False):
-    """Yield batches ``{index, images (uint8 NCHW), errors [(i, reason)], decode_s}`` in order."""
+    """Yield batches ``{index, images (uint8 NCHW), errors [(i, reason)], decode_s, notes [(i, [message])]}``
+    in order."""
     workers = resolve_workers(workers)  # never more processes than cores (each holds a decoder's memory)
     yield from make_loader(ImageReader(paths, preprocess), batch_size, workers, _collate, pin=pin)

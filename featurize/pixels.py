@@ -75,8 +75,6 @@ def read_image_file(path) -> bytes:
     checked and the header sniffed (Pillow reads only what identifies the format) before the
     whole file is read, so a 3 GB non-image costs a few bytes, not 3 GB of memory.
     """
-    import warnings
-
     from featurize.cache import open_regular, read_error_reason
 
     try:
@@ -87,9 +85,11 @@ def read_image_file(path) -> bytes:
                                    f"{MAX_FILE_BYTES / 2**30:.0f} GiB)")
             if size == 0:
                 raise UnusableFile("empty file (0 bytes)")
-            try:  # on a duplicate descriptor: some plugins (TIFF) close the file they were given
-                with os.fdopen(os.dup(f.fileno()), "rb") as probe, warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # size rules are the decoders'; this only identifies
+            # On a duplicate descriptor: some plugins (TIFF) close the file they were given. What
+            # Pillow warns here, the decoders warn again (recorded per image: featurize.decodenotes;
+            # no catch_warnings, which is not thread-safe and this runs in decode threads).
+            try:
+                with os.fdopen(os.dup(f.fileno()), "rb") as probe:
                     Image.open(probe).close()
             except Image.UnidentifiedImageError:
                 raise UnusableFile("not an image (unrecognised or corrupt header)") from None

@@ -19,6 +19,8 @@ from featurize import cache as fc
 
 #: a decoded batch, as every reader yields it:
 #: ``{"index": [positions in todo], "images": array or None, "errors": [(position, reason)], "decode_s": float}``
+#: plus optionally ``"notes": [(position, [message])]``, what the decoders said about each file
+#: (``featurize.decodenotes``: recorded, never printed)
 #: plus optionally ``"waited": "model"`` when the reader already ran the model (Ray: decode and model run
 #: together on the cluster), so the wait for it is counted as the model's.
 Batch = dict
@@ -65,13 +67,15 @@ class Extractor(Protocol):
 @dataclass(frozen=True)
 class Embedded:
     """What :func:`embed` did: rows written, whether Ctrl-C stopped it, the files that failed
-    (``{hash: reason}``) and its wall seconds by stage (``load_model``, ``decode``, ``model``,
-    ``write``; ``decode_cpu`` is decoding summed over the workers, for information)."""
+    (``{hash: reason}``), its wall seconds by stage (``load_model``, ``decode``, ``model``,
+    ``write``; ``decode_cpu`` is decoding summed over the workers, for information) and what the
+    decoders said about the files (``{hash: [message]}``)."""
 
     written: int = 0
     interrupted: bool = False
     failed: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def embed(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, workers: int,
@@ -83,6 +87,7 @@ def embed(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, workers: 
     """
     seconds: dict[str, float] = {}
     failed: dict[str, str] = {}
+    notes: dict[str, list[str]] = {}
     writer = fc.ShardWriter(ex.space)
     bar = progress_bar(len(todo), progress, ex.label)
     batches, interrupted = None, False
@@ -91,12 +96,12 @@ def embed(ex: Extractor, todo: list[tuple[str, str]], batch_size: int, workers: 
         model = ex.model()
         seconds["load_model"] = time.perf_counter() - t
         batches = ex.reader([p for _, p in todo], batch_size, workers)
-        drive(model, batches, todo, writer, seconds, bar, failed.__setitem__)
+        drive(model, batches, todo, writer, seconds, bar, failed.__setitem__, notes.__setitem__)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         finish(batches, writer, bar, seconds)
-    return Embedded(writer.rows_written, interrupted, failed, seconds)
+    return Embedded(writer.rows_written, interrupted, failed, seconds, notes)
 
 
 def _add(seconds: dict, stage: str, s: float) -> None:
@@ -104,7 +109,7 @@ def _add(seconds: dict, stage: str, s: float) -> None:
 
 
 def drive(model: Model, batches: Reader, todo: list[tuple[str, str]], writer: Writer, seconds: dict, bar,
-          on_error) -> None:
+          on_error, on_note=None) -> None:
     """Feed decoded ``batches`` through ``model.map`` into ``writer`` (rows keyed by ``todo``'s hashes).
 
     Adds wall seconds to ``seconds`` (this call's own dict, from :func:`embed`): ``decode``
@@ -127,6 +132,8 @@ def drive(model: Model, batches: Reader, todo: list[tuple[str, str]], writer: Wr
             _add(seconds, "decode_cpu", b["decode_s"])
             for i, reason in b["errors"]:
                 on_error(todo[i][0], reason)
+            for i, said in b.get("notes", ()) if on_note else ():
+                on_note(todo[i][0], said)
             if bar and b["errors"]:
                 bar.update(len(b["errors"]))
             if b["images"] is not None:
