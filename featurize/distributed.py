@@ -257,7 +257,9 @@ class RayPipeline:
         built, worker_load, wall0, calls = set(), 0.0, time.time(), {}  # calls: per actor, [ready, first, last]
         claimed = None
         try:
-            for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            # prefetch_batches=0: Ray Data's prefetcher holds back that many finished blocks before handing
+            # one over (a 1-2 s delay for every block here); the model workers run ahead regardless
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
                 first = first or time.perf_counter() - t0
                 ok = b["error"] == ""
                 if str(b["engine"][0]) != claimed:  # one engine per space: workers that built another
