@@ -63,6 +63,33 @@ def timed(self, hashes, emb):
     arrivals.append((time.time(), len(hashes)))
 fc.ShardWriter.add = timed
 atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps(arrivals)))
+if "--ray" in sys.argv:  # CPU seconds of this driver and the Ray processes it started, taken before ray.shutdown
+    import os, ray
+    shutdown = ray.shutdown
+    def cpu_then_shutdown(*a, **k):
+        open(sys.argv[1] + ".cpu", "w").write(json.dumps(tree_cpu(os.getpid())))
+        return shutdown(*a, **k)
+    ray.shutdown = cpu_then_shutdown
+    def tree_cpu(root):
+        tick, procs = os.sysconf("SC_CLK_TCK"), {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            f = stat[stat.rindex(")") + 2:].split()
+            procs[int(pid)] = (int(f[1]), (int(f[11]) + int(f[12])) / tick, cmd)
+        out = {}
+        for pid, (ppid, cpu, cmd) in procs.items():
+            p = pid
+            while p in procs and p != root:
+                p = procs[p][0]
+            if p == root:
+                kind = "driver" if pid == root else "model worker" if "Embedder" in cmd else \
+                    "raylet" if "raylet" in cmd else "gcs_server" if "gcs_server" in cmd else "other ray"
+                out[kind] = round(out.get(kind, 0.0) + cpu, 2)
+        return out
 import cli
 sys.exit(cli.main(sys.argv[2:]))
 """
@@ -75,19 +102,25 @@ def timed_cli(out: Path, *args) -> tuple[dict, dict]:
     runtime + workers, the first batch); steady img/s: the images after the first batch over the time
     from the first to the last batch reaching the writer; wall s: spawn -> exit (shutdown included).
     """
-    spawn = time.time()
+    spawn, before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([sys.executable, "-c", _TIMED, str(out), *map(str, args), "--json"], capture_output=True,
                        text=True, cwd=ROOT)
     wall = time.time() - spawn
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the process and what it waited for (local: all of it)
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if p.returncode:
         raise SystemExit(f"failed: {args}\n{p.stderr[-3000:]}")
     arrivals = json.loads(out.read_text())
+    cpu = Path(f"{out}.cpu")
+    cpu = json.loads(cpu.read_text()) if cpu.exists() else None
+    Path(f"{out}.cpu").unlink(missing_ok=True)
     (t1, n1), last = arrivals[0], arrivals[-1][0]
     total = sum(n for _, n in arrivals)
     return json.loads(p.stdout.strip().splitlines()[-1]), {
         "startup_s": round(t1 - spawn, 2), "steady_img_per_s": round((total - n1) / (last - t1), 1) if last > t1 else None,
         "wall_s": round(wall, 2), "after_last_s": round(spawn + wall - last, 2), "batches": len(arrivals),
-        "first_batch_rows": n1, "vectors": total, "whole_img_per_s": round(total / wall, 1)}
+        "first_batch_rows": n1, "vectors": total, "whole_img_per_s": round(total / wall, 1),
+        "cpu_s": round(cpu_s, 2), **({"ray_cpu_s": cpu} if cpu else {})}
 
 
 def ray_head(start: bool) -> None:

@@ -175,7 +175,8 @@ class RayPipeline:
             self.spec = {"stored": True, "backbone": backbone if not os.path.isdir(backbone)
                          else os.path.realpath(backbone), "weights": os.path.realpath(weights) if weights else None,
                          "device": "cpu", "precision": rec["precision"], "engine": "openvino",
-                         "space_id": rec["space_id"], "dim": int(rec["dim"]), "preprocess": lean.preprocess}
+                         "space_id": rec["space_id"], "dim": int(rec["dim"]), "preprocess": lean.preprocess,
+                         "per_node": self.workers_per_node or 1}
             bb = _Described(rec["backbone"], int(rec["dim"]), lean.preprocess)
             return RayExtractor(bb, _WorkerEngine("openvino"), "cpu", rec["precision"], lean.space, self)
         import torch
@@ -474,7 +475,8 @@ class _StoredEmbedder:
         from featurize import enginestore, fastpath
 
         t = time.perf_counter()
-        self.threads = fastpath.cpu_cores()  # the engine and the decode threads own the node, as locally
+        # the engine and the decode threads own the node, as locally (shared by --workers-per-node actors)
+        self.threads = max(1, fastpath.cpu_cores() // spec.get("per_node", 1))
         folder = enginestore.engine_dir(spec["space_id"])
         if enginestore.is_complete(folder):
             self.engine, self.built = enginestore.load_stored(folder, spec["precision"], self.threads, spec["dim"]), \
