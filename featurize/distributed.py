@@ -230,10 +230,10 @@ class RayPipeline:
         if self.spec["stored"]:
             # CPU workers with the stored engine: paths in, vectors out. Each actor decodes in its own
             # threads beside its engine, as a local run: no decode task competes with the engine for the
-            # node's cores and no decoded pixels go through the object store. Blocks grow from two model
-            # calls (the first vectors come back early) to STORED_BLOCK_CALLS (fewer hand-overs, at each
+            # node's cores and no decoded pixels go through the object store. Blocks grow from one model
+            # call (the first vectors come back early) to STORED_BLOCK_CALLS (fewer hand-overs, at each
             # of which the actor's decode -> engine pipeline drains).
-            blocks = _growing_blocks(len(paths), 2 * batch_size, max(STORED_BLOCK_CALLS * batch_size,
+            blocks = _growing_blocks(len(paths), batch_size, max(STORED_BLOCK_CALLS * batch_size,
                                                                      math.ceil(len(paths) / 20_000)))
             ds = ray.data.from_arrow([table.slice(o, n) for o, n in blocks])
             ds = ds.map_batches(_StoredEmbedder, fn_constructor_kwargs={"spec": self.spec, "batch_size": batch_size},
