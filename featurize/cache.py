@@ -39,7 +39,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featurize.errors import UserError
+from featurize.errors import UserError, file_size_limit
 from featurize.files import replacing, write_text
 from featurize.layout import Cache, dataset_key, default_cache_dir  # noqa: F401  (re-exported)
 from featurize.registry import is_run_folder
@@ -138,15 +138,22 @@ _FAULT_COUNTS: dict[str, int] = {}
 
 
 def _ensure_space(folder: Path, nbytes: int) -> None:
-    """Raise ``OSError(ENOSPC)`` before HDF5 starts a file the disk cannot hold.
+    """Raise ``OSError(ENOSPC)`` before HDF5 starts a file the disk cannot hold, and
+    ``OSError(EFBIG)`` before one larger than the process may write (``ulimit -f``).
 
     HDF5 does not recover from a failed write: the file can no longer be closed and the
-    process segfaulted at exit (2 runs in 5 on a full disk). Checked with room to spare for
-    HDF5's own metadata; a plain ``OSError`` is what callers turn into one line."""
+    process segfaulted at exit (2 runs in 5 on a full disk; every run past ``ulimit -f``, with
+    pages of h5py tracebacks first). Checked with room to spare for HDF5's own metadata; a
+    plain ``OSError`` is what callers turn into one line."""
+    room = nbytes * 1.2 + (32 << 10)
     free = shutil.disk_usage(folder).free
-    if free < nbytes * 1.2 + (32 << 10):
+    if free < room:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free} bytes free, about {nbytes} needed)",
                       str(folder))
+    limit = file_size_limit()
+    if limit is not None and limit < room:
+        raise OSError(errno.EFBIG, f"{os.strerror(errno.EFBIG)} (the file size limit is {limit} bytes, "
+                      f"about {int(room)} needed)", str(folder))
 
 
 def _atomic_h5(final: Path, fill, kind: str, nbytes: int = 0) -> None:
@@ -664,27 +671,25 @@ def write_index(path: Path, index: DatasetIndex) -> None:
     """Atomically replace the dataset index file."""
     index.updated_at = time.time()
 
+    columns = {name: [fs_bytes(x) for x in getattr(index, name)] for name in ("path", "label", "split", "status")}
+    attrs = dict(kind="index", schema_version=SCHEMA_VERSION, root=fs_bytes(index.root), layout=index.layout,
+                 classes=json.dumps(index.classes), extractions=json.dumps(index.extractions, sort_keys=True),
+                 updated_at=index.updated_at, crc32=_index_crc(index))
+
     def fill(f: h5py.File) -> None:
-        f.attrs.update(
-            kind="index",
-            schema_version=SCHEMA_VERSION,
-            root=fs_bytes(index.root),
-            layout=index.layout,
-            classes=json.dumps(index.classes),
-            extractions=json.dumps(index.extractions, sort_keys=True),
-            updated_at=index.updated_at,
-            crc32=_index_crc(index),
-        )
-        for name in ("path", "label", "split", "status"):
-            raw = [fs_bytes(x) for x in getattr(index, name)]
+        f.attrs.update(attrs)
+        for name, raw in columns.items():
             f.create_dataset(name, data=np.array(raw, dtype=object), dtype=_STR)
         f.create_dataset("hash", data=np.array(index.hash, dtype=HASH_DTYPE))
         f.create_dataset("size", data=np.array(index.size, dtype=np.int64))
         f.create_dataset("mtime_ns", data=np.array(index.mtime_ns, dtype=np.int64))
 
-    # vlen strings: their bytes plus a heap entry each; 8 bytes each for hash size and mtime
-    nbytes = sum(len(x) + 16 for name in ("path", "label", "split", "status") for x in getattr(index, name))
-    _atomic_h5(path, fill, "index", nbytes + len(index.hash) * 48)
+    # A vlen string is a 16-byte reference plus a global-heap object (16-byte header, its bytes
+    # padded to 8): 216 bytes a row at 100k rows, where "bytes + 16" estimated 143 and a nearly full
+    # disk passed the check, then failed inside HDF5. Then 48 bytes for hash, size and mtime, and
+    # the JSON attributes (the runs' decoder notes included).
+    strings = sum(32 + -(-len(x) // 8) * 8 for raw in columns.values() for x in raw)
+    _atomic_h5(path, fill, "index", strings + len(index.hash) * 48 + len(attrs["extractions"]) + len(attrs["classes"]))
     fault_point("index_written")
 
 

@@ -84,9 +84,30 @@ def python_errors():
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def file_size_limit() -> int | None:
+    """The most bytes this process may write to one file (``ulimit -f``), None when unlimited."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
 def disk_full_error(folder, err: OSError, need_bytes: int = 0) -> UserError:
-    """The one line for a full disk: where, how much is free, how much more is needed."""
+    """The one line for a full disk: where, how much is free, how much more is needed; for a
+    file too large (``EFBIG``), the limit that was hit: this process's (``ulimit -f``) or the
+    file system's (FAT32 holds at most 4 GB per file)."""
     folder = os.fspath(folder)
+    saved = "then re-run: the work saved so far is kept"
+    if err.errno == errno.EFBIG:
+        limit = file_size_limit()
+        if limit is not None:
+            size = f"{limit / 2**20:.1f} MB" if limit >= 2**20 else f"{limit / 2**10:.0f} KB"
+            return UserError(f"a cache file in {folder} would exceed this process's file size limit (ulimit -f: "
+                             f"{size}); raise it (ulimit -f unlimited), {saved}")
+        return UserError(f"a cache file in {folder} is larger than its file system allows (FAT32: 4 GB per file); "
+                         f"use --cache on another file system, {saved}")
     try:
         free = shutil.disk_usage(folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))).free
     except OSError:
@@ -94,4 +115,4 @@ def disk_full_error(folder, err: OSError, need_bytes: int = 0) -> UserError:
     need_mb = max(1, -(-int(need_bytes * 1.2 + 2**20) // 2**20))  # with room for HDF5's metadata
     what = os.strerror(err.errno).lower() if err.errno else "no space left"
     return UserError(f"{what} on the disk of {folder} ({free / 2**20:.1f} MB free); free {need_mb} MB or more, or "
-                     "use --cache elsewhere, then re-run: the work saved so far is kept")
+                     f"use --cache elsewhere, {saved}")

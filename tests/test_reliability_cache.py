@@ -156,6 +156,43 @@ def test_full_disk_is_one_line_keeps_finished_shards_and_resumes(small_disk, tmp
     assert s["ok"] == 120 and s["embedded"] < 120  # resumed: the kept shards were not embedded again
 
 
+def _file_size_limit(nbytes: int):
+    """For a child process: writes past ``nbytes`` fail with EFBIG (SIGXFSZ ignored, as ``ulimit -f`` in a
+    shell that traps it), the full-disk fault any machine can give an unprivileged process."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return limit
+
+
+def test_file_size_limit_is_one_line_keeps_finished_shards_and_resumes(tmp_path):
+    """The full-disk test where no tmpfs can be mounted: ``ulimit -f`` at 42 KB. The index (16 images)
+    and the new shard fit, the merge with the space's 600 rows (66 KB) does not. It was pages of h5py
+    tracebacks and a segfault; now one line naming the limit, the new shards kept, and the next run
+    (without the limit) embeds nothing again."""
+    from featurize.extract import extract
+    from featurize.pipeline import build_extractor
+
+    cache = tmp_path / "cache"
+    space = build_extractor(cache, "tiny", precision="fp32", engine="torch").space
+    space.write_shard([f"{k:032x}" for k in range(600)], np.zeros((600, 16), np.float32))  # other folders' rows
+    data = make_dataset(tmp_path / "d", per_class=8)
+    p = subprocess.run([sys.executable, str(ROOT / "cli.py"), "extract", str(data), "--backbone", "tiny", "--precision",
+                        "fp32", "--engine", "torch", "--workers", "0", "--cache", str(cache), "--no-progress"],
+                       preexec_fn=_file_size_limit(42 << 10),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.startswith(f"Error: a cache file in {cache} would exceed this process's file size limit "
+                               "(ulimit -f: 42 KB); raise it (ulimit -f unlimited), then re-run") \
+        and len(p.stderr.splitlines()) == 1, p.stderr
+    assert len(list(space.folder.glob("*.h5"))) >= 2 and not list(cache.rglob(".*tmp*"))  # not merged, no half file
+    assert len(space.load()[0]) == 616  # the 16 new rows are kept
+    s = extract(data, cache, backbone="tiny", precision="fp32", engine="torch", workers=0, progress=False)
+    assert (s["ok"], s["embedded"]) == (16, 0) and len(list(space.folder.glob("*.h5"))) == 1  # resumed, merged
+
+
 def test_engines_never_mix_in_one_feature_space(tmp_path):
     """After OpenVINO failed (disk full) a run fell back to PyTorch into the same space: 1,244
     vectors from one engine, 1,280 from the other. The first writer now records its engine and
