@@ -295,7 +295,8 @@ class RayPipeline:
                 self.info.update(
                     workers_ready_seconds=round(max(c[0] for c in calls.values()) - wall0, 3),
                     first_call_seconds=round(min(c[1] for c in calls.values()) - wall0, 3),
-                    worker_span_seconds=round(sum(c[2] - c[1] for c in calls.values()), 3))
+                    worker_span_seconds=round(sum(c[2] - c[1] for c in calls.values()), 3),
+                    worker_processes=len(calls))  # more than workers: Ray restarted one that died
             self.close()
 
 

@@ -98,7 +98,7 @@ def test_kill9_of_the_driver_then_rerun_gives_the_local_rows_vectors_and_reasons
     assert again.embedded == 0 and "ray" not in again.summary  # nothing new: known space, Ray not used
 
 
-def _model_workers() -> list[int]:
+def _model_workers(cls: str = "_Embedder") -> list[int]:
     """Pids of Ray's actor processes that run the model (their title names the class)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -106,31 +106,40 @@ def _model_workers() -> list[int]:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if title.startswith("ray::") and "_Embedder" in title:
+        if title.startswith("ray::") and f"({cls})" in title:
             pids.append(int(pid))
     return pids
 
 
-def test_a_worker_killed_mid_run_is_retried_and_every_row_written_once(address, tmp_path, monkeypatch):
-    d = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=40)
+@pytest.mark.parametrize("worker", ["backbone", "stored"])
+def test_a_worker_killed_mid_run_is_retried_and_every_row_written_once(address, tmp_path, monkeypatch, worker):
+    """Either model worker: one built from the backbone (torch), or the torch-free one on the stored engine."""
+    n = 80 if worker == "backbone" else 400  # the stored-engine worker is faster: more rows to kill it amid
+    d = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=n // 2)
     cache = tmp_path / "c"
+    kw = {**FAST, "batch_size": 2}
+    if worker == "stored":
+        pytest.importorskip("openvino")
+        kw.update(engine="openvino")  # a local run of the request first: its engine goes into the store
+        extract(make_dataset(tmp_path / "warm", per_class=1), tmp_path / "warm-cache", **kw)
     monkeypatch.setenv("FEATURIZE_SHARD_ROWS", "4")
     result = {}
-    run = threading.Thread(target=lambda: result.update(extract(d, cache, ray=address, **{**FAST, "batch_size": 2})))
+    run = threading.Thread(target=lambda: result.update(extract(d, cache, ray=address, **kw)))
     run.start()
     killed, deadline = None, time.time() + 120
     while killed is None and time.time() < deadline and run.is_alive():
-        pids = _model_workers()
+        pids = _model_workers("_Embedder" if worker == "backbone" else "_StoredEmbedder")
         if pids and disk_rows(cache):  # the model runs and rows are coming back: kill it mid-run
             os.kill(pids[0], signal.SIGKILL)
             killed = pids[0]
         time.sleep(0.02)
     run.join(180)
     assert killed, "no model worker was seen running"
-    assert result["embedded"] == result["ok"] == 80, result
+    assert result["embedded"] == result["ok"] == n and result["ray"]["worker_engines"] == [worker], result
+    assert result["ray"]["worker_processes"] == 2, result["ray"]  # the killed one, then its restart
     rows = disk_rows(cache)
-    assert len(rows) == len(set(rows)) == 80  # Ray retried the lost batches; each row written once
-    assert len(vectors(cache, d)[0]) == 80
+    assert len(rows) == len(set(rows)) == n  # Ray retried the lost batches; each row written once
+    assert len(vectors(cache, d)[0]) == n
 
 
 def test_without_ray_the_error_names_the_extra(data, tmp_path, monkeypatch):
