@@ -55,16 +55,13 @@ def add_extract(sub) -> None:
 
 
 def cmd_extract(args) -> dict:
-    from featurize.extract import account_process, extract, format_summary, process_age
+    from featurize.extraction import Request, extract_folder, format_summary, process_age
 
     started = process_age()
-    summary = extract(
-        args.data, cache_dir=_cache(args), backbone=args.backbone, weights=args.weights,
-        batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
-        engine=args.engine, wait=args.wait, progress=not args.no_progress and not args.json,
-        ray=args.ray, workers_per_node=args.workers_per_node, gpus_per_worker=args.gpus_per_worker,
-    )
-    summary = account_process(summary, started)
+    request = Request(args.backbone, args.weights, args.batch_size, args.workers, args.device, args.precision,
+                      args.engine, args.wait, progress=not args.no_progress and not args.json)
+    result = extract_folder(args.data, _cache(args), request, args.ray, args.workers_per_node, args.gpus_per_worker)
+    summary = result.with_process_time(started).to_dict()
     print(format_summary(summary))
     return summary
 

@@ -190,7 +190,7 @@ def w_featurize(backbone, weights, folder, engine, cache, warm_folder=None, work
 
     from featurize import cache as fc
     from featurize import engines
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     if threads:
         engines.default_engine_threads = lambda: threads
@@ -240,7 +240,7 @@ def w_featurize_classifier(folder, cache, test_paths):
     import numpy as np
 
     from featurize import cache as fc
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     t0 = time.perf_counter()
     s = extract(folder, cache_dir=cache, progress=False)
@@ -333,7 +333,7 @@ def w_tutorial(folder, test_paths, epochs):
 
 
 def w_cachehit(folder, cache):
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     t = time.perf_counter()
     s1 = extract(folder, cache_dir=cache, progress=False)
@@ -347,7 +347,7 @@ def w_cachehit(folder, cache):
 
 
 def w_extract_only(folder, cache, engine="auto"):
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     t = time.perf_counter()
     s = extract(folder, cache_dir=cache, progress=False, engine=engine)

@@ -164,7 +164,7 @@ def w_decode_path(folder, cache, mode):
         ex.space.compact()
         sid = ex.space.space_id
     else:
-        from featurize.extract import extract
+        from featurize.extraction import extract
 
         s = extract(folder, cache_dir=cache, progress=False)
         written, sid = s["embedded"], s["space_id"]

@@ -15,29 +15,13 @@ This package root stays free of torch (and of scikit-learn): the API's names are
 first use, so ``import featurize`` is fast and ``heads`` can read the cache without torch.
 """
 
-import types
-
 from featurize.errors import UserError
 
 __version__ = "0.1.0"
 
-
-class CallableModule(types.ModuleType):
-    """The class of the ``featurize.extract`` module: called, it is :func:`featurize.api.extract`.
-
-    Importing a submodule sets it as an attribute of its package, so ``featurize.extract`` can
-    only be the public function if the module itself can be called.
-    """
-
-    def __call__(self, *args, **kwargs):
-        from featurize.api import extract
-
-        return extract(*args, **kwargs)
-
-
-_API = ("embed", "Embedder", "load_features", "load_head", "fit", "audit", "Extraction", "Features", "Fit", "Head",
-        "Audit")
-__all__ = ["UserError", "__version__", "extract", *_API]
+_API = ("extract", "embed", "Embedder", "load_features", "load_head", "fit", "audit", "Extraction", "Features", "Fit",
+        "Head", "Audit")
+__all__ = ["UserError", "__version__", *_API]
 
 
 def __getattr__(name):
@@ -45,8 +29,4 @@ def __getattr__(name):
         from featurize import api
 
         return getattr(api, name)
-    if name == "extract":  # the submodule, a CallableModule: featurize.extract(...) is api.extract(...)
-        import featurize.extract as module
-
-        return module
     raise AttributeError(f"module 'featurize' has no attribute {name!r}")

@@ -25,6 +25,7 @@ import numpy as np
 
 from featurize.embedding import as_list, model_for
 from featurize.errors import UserError, python_errors, python_wording  # noqa: F401
+from featurize.extraction import Extraction  # noqa: F401  (fz.Extraction: what fz.extract returns)
 from featurize.registry import DEFAULT_BACKBONE
 
 # --------------------------------------------------------------------------- errors for Python callers
@@ -49,33 +50,6 @@ def _cache_dir(cache):
 # --------------------------------------------------------------------------- extract
 
 
-@dataclass(frozen=True)
-class Extraction:
-    """What :func:`extract` did. ``summary`` is the full JSON-able summary (``extract --json``)."""
-
-    dataset: str
-    layout: str
-    backbone: str
-    space_id: str
-    dim: int
-    images: int
-    ok: int
-    failed: int
-    embedded: int
-    cached: int
-    index_file: str
-    features_dir: str
-    summary: dict = field(repr=False)
-
-    @classmethod
-    def from_summary(cls, s: dict) -> "Extraction":
-        names = [f for f in cls.__dataclass_fields__ if f != "summary"]
-        return cls(**{k: s.get(k) for k in names}, summary=s)
-
-    def to_dict(self) -> dict:
-        return dict(self.summary)
-
-
 @_api
 def extract(data, backbone: str = DEFAULT_BACKBONE, cache=None, *, weights: str | None = None,
             batch_size: int = 32, workers: int | None = None, device: str = "auto", precision: str = "auto",
@@ -90,12 +64,10 @@ def extract(data, backbone: str = DEFAULT_BACKBONE, cache=None, *, weights: str 
     ``ray`` (``"local"``, ``"auto"`` or a cluster address) decodes and embeds on Ray Data, as
     ``extract --ray`` does (``workers_per_node``, ``gpus_per_worker`` as its flags).
     """
-    from featurize.extract import extract as run
+    from featurize.extraction import Request, extract_folder
 
-    s = run(data, cache_dir=_cache_dir(cache), backbone=backbone, weights=weights, batch_size=batch_size,
-            workers=workers, device=device, precision=precision, engine=engine, wait=wait, progress=progress,
-            ray=ray, workers_per_node=workers_per_node, gpus_per_worker=gpus_per_worker)
-    return Extraction.from_summary(s)
+    request = Request(backbone, weights, batch_size, workers, device, precision, engine, wait, progress)
+    return extract_folder(data, _cache_dir(cache), request, ray, workers_per_node, gpus_per_worker)
 
 
 # --------------------------------------------------------------------------- cached features

@@ -1,7 +1,7 @@
 """Extraction on a Ray cluster: the reader -> model stage runs on Ray Data, the rest stays local.
 
 The driver (the ``extract`` process) scans, hashes, plans and writes exactly as a local run
-(``featurize.extract``); only the images still to embed go through Ray Data:
+(``featurize.extraction``); only the images still to embed go through Ray Data:
 
     paths (driver) -> decode + resize tasks (any node) -> actor pool, one engine per actor
     (GPUs when asked) -> vectors streamed back -> the driver's ``ShardWriter`` -> index

@@ -103,7 +103,7 @@ class Model:
 
     def _files(self, paths, batch_size, workers):
         if self.ex is not None:
-            from featurize.extract import embed_files
+            from featurize.extraction import embed_files
 
             return embed_files(self.space, paths, lambda: self.ex, batch_size, workers)
         from featurize.loading import reader

@@ -44,7 +44,7 @@ def predict(cache, inputs: list[str], head: str = "logreg", model=None, data=Non
     cache = Cache.of(cache)
 
     def embed(space_id: str, paths: list[str]):
-        from featurize.extract import embed_paths  # torch: only for files not embedded yet
+        from featurize.extraction import embed_paths  # torch: only for files not embedded yet
 
         return embed_paths(paths, space_id, cache, batch_size=batch_size, device=device)
 
@@ -85,7 +85,7 @@ def demo(cache, out="data/digits", head: str = "logreg", progress: bool = True) 
     """The offline demo: write scikit-learn's digits as PNGs under ``out``, extract them with the
     offline default backbone and fit ``head``; prints as ``extract`` and ``fit`` do."""
     from featurize.demo import write_digits
-    from featurize.extract import extract, format_summary
+    from featurize.extraction import extract, format_summary
     from heads.commands import run_fit
 
     folder = write_digits(out)
@@ -215,7 +215,7 @@ def compare_backbones(cache=None, data=None, backbones=None, *, log=None, **comp
     ``extract`` and ``compare`` do.
     """
     from featurize.cache import FeatureSpace, find_index
-    from featurize.extract import extract
+    from featurize.extraction import extract
     from heads.commands import run_compare
 
     log = log or sys.stderr

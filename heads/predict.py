@@ -2,7 +2,7 @@
 
 Vectors come from the cache when the file's content hash is already embedded in the head's
 feature space (no torch needed); the rest go to ``embed``, a callable the CLI supplies
-(``featurize.extract.embed_paths`` bound to the head's space), so this module stays torch-free.
+(``featurize.extraction.embed_paths`` bound to the head's space), so this module stays torch-free.
 """
 
 from __future__ import annotations

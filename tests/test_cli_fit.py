@@ -163,7 +163,7 @@ def test_fit_path_never_imports_torch(tmp_path, env):
         "import sys, cli, heads, heads.commands, heads.compare, heads.predict, heads.report, heads.store\n"
         f"assert cli.main(['fit', '--head', 'centroid', '--cache', {str(tmp_path / 'c')!r}]) == 0\n"
         f"assert cli.main(['compare', '--heads', 'knn', '--cache', {str(tmp_path / 'c')!r}]) == 0\n"
-        "bad = [m for m in ('torch', 'torchvision', 'timm', 'featurize.extract') if m in sys.modules]\n"
+        "bad = [m for m in ('torch', 'torchvision', 'timm', 'featurize.extraction') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ROOT, make_dataset, run_cli
 from featurize import cache as fc
-from featurize.extract import extract
+from featurize.extraction import extract
 
 ray = pytest.importorskip("ray")
 
@@ -183,7 +183,7 @@ def test_ray_keeps_the_space_engine_and_never_mixes_engines(address, tmp_path):
 
 _STORED_DRIVER = """
 import json, sys
-from featurize.extract import extract
+from featurize.extraction import extract
 s = extract(sys.argv[1], sys.argv[2], backbone="tiny", engine="openvino", precision="fp32", progress=False,
             batch_size=4, ray=sys.argv[3])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "timm"))

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_dataset
 from featurize import cache as fc
-from featurize.extract import extract
+from featurize.extraction import extract
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")

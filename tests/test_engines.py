@@ -81,7 +81,7 @@ def test_auto_engine_uses_openvino_and_records_it(ov_cache, tmp_path, monkeypatc
     import shutil
 
     from featurize import cache as fc
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     data = tmp_path / "data" / "x"
     data.mkdir(parents=True)

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, last_json, make_dataset, make_image, run_cli
 from featurize import cache as fc
 from featurize.errors import UserError
-from featurize.extract import extract, format_summary
+from featurize.extraction import extract, format_summary
 
 FAST = dict(backbone="tiny", precision="fp32", workers=0, progress=False, batch_size=4)
 
@@ -327,7 +327,7 @@ def test_ctrl_c_saves_work_and_exits_with_one_line(tmp_path):
 
 
 def test_rerun_with_nothing_new_never_imports_torch(dataset, cache):
-    code = ("import sys; from featurize.extract import extract; "
+    code = ("import sys; from featurize.extraction import extract; "
             "s = extract(sys.argv[1], sys.argv[2], backbone='tiny', precision='fp32', workers=0, progress=False); "
             "print(s['embedded'], s['ok'], s['space_id'], 'torch' in sys.modules, 'ray' in sys.modules)")
 

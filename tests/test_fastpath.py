@@ -19,7 +19,7 @@ ov = pytest.importorskip("openvino", reason="OpenVINO is in the test extra: pip 
 
 _NO_TORCH = """
 import json, sys
-from featurize.extract import extract
+from featurize.extraction import extract
 s = extract(sys.argv[1], cache_dir=sys.argv[2], backbone="tiny", engine="openvino", progress=False)
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "timm"))
 print(json.dumps({"summary": s, "heavy": heavy}))
@@ -36,7 +36,7 @@ def _vectors(cache: Path, summary: dict) -> dict:
 def test_stored_engine_serves_every_cache_without_torch(tmp_path, engine_store, monkeypatch):
     from featurize import engines
     from featurize.enginestore import engine_dir
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     data = make_dataset(tmp_path / "data", per_class=5)
     first = extract(data, cache_dir=tmp_path / "a", backbone="tiny", engine="openvino", progress=False, workers=0)

@@ -20,7 +20,7 @@ from conftest import last_json, make_dataset, run_cli
 from featurize import finetune as ft
 from featurize.cache import find_index, load_features, resolve_space
 from featurize.errors import UserError
-from featurize.extract import extract
+from featurize.extraction import extract
 
 
 @pytest.fixture(scope="module")

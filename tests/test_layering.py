@@ -64,7 +64,7 @@ def test_layers():
         return "torch" in top[m] or any(reaches_torch(d, seen + (m,)) for d in top[m] - {"torch"} if d not in seen)
 
     for m in [*(m for m in top if m.startswith("heads.")), "featurize.cache", "featurize.layout", "featurize.registry",
-              "featurize.files", "featurize.inventory", "featurize.workflow", "featurize.api", "featurize.extract"]:
+              "featurize.files", "featurize.inventory", "featurize.workflow", "featurize.api", "featurize.extraction"]:
         assert not reaches_torch(m), m
     # only the cache's owner builds its paths
     for path in [*(ROOT / "featurize").glob("*.py"), *(ROOT / "heads").glob("*.py"), ROOT / "cli.py"]:

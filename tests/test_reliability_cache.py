@@ -38,7 +38,7 @@ FAST = dict(backbone="tiny", precision="fp32", workers=0, progress=False, batch_
 
 @pytest.fixture
 def extracted(tmp_path):
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     data = make_dataset(tmp_path / "d", per_class=5)
     cache = tmp_path / "cache"
@@ -50,7 +50,7 @@ def extracted(tmp_path):
 
 @pytest.mark.parametrize("text", ["[]", "null", "{{{", '{"a.h5": "x"}'])
 def test_verified_json_of_any_shape_is_repaired(extracted, text):
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     data, cache, space = extracted
     (space.folder / "verified.json").write_text(text)
@@ -60,7 +60,7 @@ def test_verified_json_of_any_shape_is_repaired(extracted, text):
 
 @pytest.mark.parametrize("text", ["[]", "null", "garbage", '{"backbone": "tiny"}', '{"dim": "16"}'])
 def test_damaged_space_json_is_named_then_repaired_by_extract(extracted, text, capsys):
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     data, cache, space = extracted
     (space.folder / "space.json").write_text(text)
@@ -76,7 +76,7 @@ def test_an_edited_index_is_detected_and_rebuilt(extracted):
     images silently before), and the next extract rebuilds it without re-embedding."""
     import h5py
 
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     data, cache, space = extracted
     ipath = fc.index_path(cache, data)
@@ -197,7 +197,7 @@ def test_engines_never_mix_in_one_feature_space(tmp_path):
     """After OpenVINO failed (disk full) a run fell back to PyTorch into the same space: 1,244
     vectors from one engine, 1,280 from the other. The first writer now records its engine and
     a run with another engine is refused, naming both; the recorded engine keeps working."""
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     cache = tmp_path / "cache"
     extract(make_dataset(tmp_path / "a", per_class=3), cache, **{**FAST, "engine": "torch"})

@@ -156,7 +156,7 @@ def test_high_bit_depth_is_windowed_not_clipped(tmp_path, mode):
 
 
 def test_a_constant_high_bit_depth_image_is_refused_not_embedded_blank(tmp_path):
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     data = tmp_path / "d"
     data.mkdir()

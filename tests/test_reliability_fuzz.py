@@ -121,7 +121,7 @@ def test_fuzzed_images_decode_or_give_a_reason_fast(fuzzed):
 
 def test_fuzzed_folder_extracts_with_every_file_accounted_for(fuzzed, tmp_path):
     from featurize.cache import find_index
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     folder, kinds = fuzzed
     s = extract(folder, tmp_path / "c", backbone="tiny", precision="fp32", workers=0, batch_size=16,

@@ -71,7 +71,7 @@ def test_workers_capped_to_the_cores(world):
     assert resolve_workers(None) == min(cpu_cores(), 8)
     assert resolve_workers(0) == 0
     tmp, c, data, _, _ = world
-    from featurize.extract import extract
+    from featurize.extraction import extract
 
     summary = extract(data, cache_dir=str(tmp / "cw"), backbone="tiny", workers=999, progress=False)
     assert summary["workers"] == cpu_cores() and summary["ok"] == 24
