@@ -205,7 +205,7 @@ class RayPipeline:
     def _stored(cache_dir, backbone, weights, device, precision, engine):
         """The local torch-free extractor of this request (``fastpath.lean_extractor``), or None."""
         from featurize import fastpath
-        from featurize.extract import request_key
+        from featurize.enginestore import request_key
 
         return fastpath.lean_extractor(cache_dir, request_key(backbone, weights, device, precision), engine)
 

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from featurize import __version__
 from featurize import cache as fc
 from featurize.layout import engine_store_dir
+from featurize.registry import PACKAGED_WEIGHTS
 
 META = "meta.json"
 
@@ -232,3 +234,31 @@ class CompiledEngine:
 def load_stored(folder: Path, precision: str, threads: int, dim: int) -> CompiledEngine:
     """Compile a published engine folder (its compiled blob makes this well under a second)."""
     return CompiledEngine(folder / "model.xml", precision, threads, dim, folder)
+
+
+def _stat(path) -> list | None:
+    try:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return None
+
+
+def request_key(backbone: str, weights: str | None, device: str, precision: str) -> dict:
+    """What the user asked for, plus the size/mtime of every weights file it reads.
+
+    A finished extraction records its key next to the space id it resolved to, so a later
+    run with the same key knows the space without importing torch or hashing weights.
+    """
+    files = {}
+    if weights:
+        files[os.path.realpath(weights)] = _stat(weights)
+    if os.path.isdir(backbone):
+        for name in sorted(os.listdir(backbone)):
+            files[os.path.realpath(os.path.join(backbone, name))] = _stat(os.path.join(backbone, name))
+    elif backbone in PACKAGED_WEIGHTS and not weights:
+        folder = PACKAGED_WEIGHTS[backbone].weights_folder()
+        for name in sorted(os.listdir(folder)) if folder and folder.is_dir() else []:
+            files[os.path.join(folder, name)] = _stat(os.path.join(folder, name))
+    return {"backbone": os.path.realpath(backbone) if os.path.isdir(backbone) else backbone,
+            "device": device, "precision": precision, "files": files, "featurize": __version__}

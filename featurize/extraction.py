@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from featurize import __version__, enginestore, fastdecode, fastpath, stages
 from featurize import cache as fc
+from featurize import enginestore, fastdecode, fastpath, stages
 from featurize.dataset import Scan, scan
+from featurize.enginestore import request_key
 from featurize.errors import DISK_FULL, Interrupted, UserError, disk_full_error
 from featurize.layout import Cache
 from featurize.options import check_batch_size, check_cache_dir, check_engine, resolve_workers
-from featurize.registry import PACKAGED_WEIGHTS
 
 #: Wall-clock stages of an extract, in order; "other" is the named remainder (lock, planning, ...).
 STAGES = ("scan", "index", "hash", "load_model", "decode", "model", "write", "compaction", "other")
@@ -60,34 +60,6 @@ def _hash_entries(root: str, scan_entries, old: fc.DatasetIndex | None) -> tuple
             hashes.append("")
             statuses.append(f"error: {fc.read_error_reason(err)}")
     return hashes, statuses, hashed
-
-
-def _stat(path) -> list | None:
-    try:
-        st = os.stat(path)
-        return [st.st_size, st.st_mtime_ns]
-    except OSError:
-        return None
-
-
-def request_key(backbone: str, weights: str | None, device: str, precision: str) -> dict:
-    """What the user asked for, plus the size/mtime of every weights file it reads.
-
-    A finished extraction records its key next to the space id it resolved to, so a later
-    run with the same key knows the space without importing torch or hashing weights.
-    """
-    files = {}
-    if weights:
-        files[os.path.realpath(weights)] = _stat(weights)
-    if os.path.isdir(backbone):
-        for name in sorted(os.listdir(backbone)):
-            files[os.path.realpath(os.path.join(backbone, name))] = _stat(os.path.join(backbone, name))
-    elif backbone in PACKAGED_WEIGHTS and not weights:
-        folder = PACKAGED_WEIGHTS[backbone].weights_folder()
-        for name in sorted(os.listdir(folder)) if folder and folder.is_dir() else []:
-            files[os.path.join(folder, name)] = _stat(os.path.join(folder, name))
-    return {"backbone": os.path.realpath(backbone) if os.path.isdir(backbone) else backbone,
-            "device": device, "precision": precision, "files": files, "featurize": __version__}
 
 
 def _known_space(old: fc.DatasetIndex | None, key: dict, cache_dir) -> str | None:

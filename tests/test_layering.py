@@ -52,6 +52,21 @@ def test_no_import_circle():
     assert _cycles({m: deps - {"torch"} for m, deps in _imports().items()}) == []
 
 
+def test_every_import_names_a_module_that_exists():
+    """A renamed module leaves no import of its old name behind (``featurize.extract`` became
+    ``featurize.extraction``: a lazy import of the old name failed only when that line ran)."""
+    files = [*(ROOT / "featurize").glob("*.py"), *(ROOT / "heads").glob("*.py"), ROOT / "cli.py",
+             *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tests").glob("*.py")]
+    modules = {f"{pkg}.{p.stem}" for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")} | set(PACKAGES)
+    stale = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            stale += [f"{path.name}: {n}" for n in names if n.split(".")[0] in PACKAGES and n not in modules]
+    assert stale == []
+
+
 def test_layers():
     graph = {m: deps - {"torch"} for m, deps in _imports().items()}
     core = {m for m in graph if m.startswith("featurize.")} - {"featurize.workflow", "featurize.api"}
