@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import run_cli
 from featurize import fastdecode
-from featurize.extract import extract, format_summary
+from featurize.extraction import extract, format_summary
 
 _PIXELS = np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)
 

@@ -172,7 +172,7 @@ def test_file_size_limit_is_one_line_keeps_finished_shards_and_resumes(tmp_path)
     and the new shard fit, the merge with the space's 600 rows (66 KB) does not. It was pages of h5py
     tracebacks and a segfault; now one line naming the limit, the new shards kept, and the next run
     (without the limit) embeds nothing again."""
-    from featurize.extract import extract
+    from featurize.extraction import extract
     from featurize.pipeline import build_extractor
 
     cache = tmp_path / "cache"
