@@ -141,6 +141,18 @@ class _Hooks:
 _HOOKS = _Hooks()
 
 
+def _after_fork_in_child():
+    # A lock held by another thread at fork time would stay held in the child forever (its
+    # holder does not exist there): a DataLoader worker would hang on its first image.
+    _HOOKS.lock = threading.Lock()
+    global _fd_lock
+    _fd_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 # --------------------------------------------------------------------------- Pillow's loggers
 
 
