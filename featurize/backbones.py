@@ -9,6 +9,7 @@ it also accepts ``timm:<name>`` and a fine-tuning run folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -346,6 +347,28 @@ def _run_folder(path: str) -> Backbone:
     return base
 
 
+def whole_image(bb: Backbone, size: int) -> Backbone:
+    """The ``NAME@SIZE`` variant: the same weights fed the whole image at ``size`` px.
+
+    Preprocessing resizes the shorter side to ``size`` and centre-crops only the longer side's
+    excess (no ``crop_pct`` margin); mean, std and interpolation stay the weights' own. The name
+    carries the size, so the variant is its own feature space and every command that rebuilds a
+    backbone from its name (predict, finetune, Ray workers) gets the same preprocessing. A model
+    that takes one input size only (a ViT with fixed position embeddings) is refused.
+    """
+    native = bb.preprocess.crop
+    if size != native:
+        try:
+            with torch.inference_mode():
+                bb.model(torch.zeros(1, 3, size, size))
+        except Exception as e:
+            raise UserError(f"{bb.name} does not take {size} px inputs ({type(e).__name__}); use {bb.name}@{native} "
+                            "or a convolutional backbone") from None
+    bb.name = f"{bb.name}@{size}"
+    bb.preprocess = dataclasses.replace(bb.preprocess, resize=size, crop=size)
+    return bb
+
+
 def backbone_names() -> list[str]:
     return sorted(_BUILDERS)
 
@@ -353,14 +376,17 @@ def backbone_names() -> list[str]:
 def get_backbone(name: str, weights: str | None = None, pretrained: bool = True) -> Backbone:
     """Build a frozen backbone.
 
-    Takes a registered name, ``timm:<name>`` or a fine-tuning run folder; ``weights`` is an
-    optional local state dict. Returns a :class:`Backbone`. Raises ``UserError`` for unknown
+    Takes a registered name, ``timm:<name>``, either with ``@SIZE`` (:func:`whole_image`), or a
+    fine-tuning run folder; ``weights`` is an optional local state dict. Returns a :class:`Backbone`. Raises ``UserError`` for unknown
     names (listing the valid ones), missing/mismatched weights or unavailable downloads.
     """
-    if name.startswith("timm:"):
-        return _timm(name[5:], weights, pretrained)
     if is_run_folder(name):
         return _run_folder(name)
+    base, size = registry.split_size(name)
+    if size is not None:
+        return whole_image(get_backbone(base, weights, pretrained), size)
+    if name.startswith("timm:"):
+        return _timm(name[5:], weights, pretrained)
     builder = _BUILDERS.get(name)
     if builder is None:
         raise registry.unknown_backbone(name)

@@ -34,7 +34,7 @@ import numpy as np
 from featurize import __version__
 from featurize import cache as fc
 from featurize.layout import engine_store_dir
-from featurize.registry import PACKAGED_WEIGHTS
+from featurize.registry import PACKAGED_WEIGHTS, base_name
 
 META = "meta.json"
 
@@ -256,8 +256,8 @@ def request_key(backbone: str, weights: str | None, device: str, precision: str)
     if os.path.isdir(backbone):
         for name in sorted(os.listdir(backbone)):
             files[os.path.realpath(os.path.join(backbone, name))] = _stat(os.path.join(backbone, name))
-    elif backbone in PACKAGED_WEIGHTS and not weights:
-        folder = PACKAGED_WEIGHTS[backbone].weights_folder()
+    elif base_name(backbone) in PACKAGED_WEIGHTS and not weights:  # efficientnet_lite0@320 too
+        folder = PACKAGED_WEIGHTS[base_name(backbone)].weights_folder()
         for name in sorted(os.listdir(folder)) if folder and folder.is_dir() else []:
             files[os.path.join(folder, name)] = _stat(os.path.join(folder, name))
     return {"backbone": os.path.realpath(backbone) if os.path.isdir(backbone) else backbone,

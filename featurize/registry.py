@@ -119,7 +119,38 @@ def backbone_names() -> list[str]:
 
 
 def backbone_info(name: str) -> BackboneInfo | None:
-    return _INFO.get(name)
+    """The declared backbone ``name`` refers to (a ``NAME@SIZE`` variant: its base's), else None."""
+    return _INFO.get(split_size(name)[0])
+
+
+# --------------------------------------------------------------------------- input-size variants
+
+#: ``NAME@SIZE``: the backbone's weights fed the whole image at SIZE px, no centre crop (resize
+#: the shorter side to SIZE, crop only the longer side's excess). Images already at the
+#: network's size and squashed to a square (chest X-ray datasets, 224x224) lose 6 % of each
+#: border to the default crop (Lite0: resize 256, crop 224); ``efficientnet_lite0@224`` keeps it.
+SIZE_RANGE = (32, 1024)
+
+
+def split_size(name: str) -> tuple[str, int | None]:
+    """``"efficientnet_lite0@320"`` -> ``("efficientnet_lite0", 320)``; a name without ``@`` -> ``(name, None)``.
+
+    A size that is not an integer in ``SIZE_RANGE`` is refused (``UserError``). Run folders are
+    paths and may hold ``@``: the caller checks them first.
+    """
+    base, sep, size = name.rpartition("@")
+    if not sep:
+        return name, None
+    lo, hi = SIZE_RANGE
+    if not size.isdigit() or not lo <= int(size) <= hi:
+        raise UserError(f"backbone {name!r}: the input size after @ must be an integer from {lo} to {hi} "
+                        f"pixels; e.g. {base or DEFAULT_BACKBONE}@320")
+    return base, int(size)
+
+
+def base_name(name: str) -> str:
+    """The backbone a name builds on: ``efficientnet_lite2@384`` -> ``efficientnet_lite2``."""
+    return split_size(name)[0] if "@" in name and not is_run_folder(name) else name
 
 
 def list_backbones() -> list[dict]:
@@ -132,7 +163,7 @@ def unknown_backbone(name: str) -> UserError:
     close = difflib.get_close_matches(name, list(_INFO), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return UserError(f"unknown backbone {name!r}; {hint}valid: {', '.join(backbone_names())}, timm:<name>, "
-                     "or a fine-tuning run folder")
+                     "any of them with @SIZE (whole image at SIZE px), or a fine-tuning run folder")
 
 
 for _name, _arch in LITE.items():

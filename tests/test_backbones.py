@@ -289,3 +289,67 @@ def test_backbones_guide_cites_every_backbone_without_torch():
     assert set(guide) == set(backbone_names()) - {"tiny"} | set(RECOMMENDED_TIMM)
     assert all(g["imagenet_top1"] > 60 and g["source"] and g["protocol"] for g in guide.values())
     assert all(guide[n]["dim"] for n in RECOMMENDED_TIMM)
+
+
+# --------------------------------------------------------------------------- NAME@SIZE: the whole image at SIZE px
+
+
+def test_size_variant_feeds_the_whole_image_at_that_size():
+    from torchvision.transforms.v2 import functional as F
+
+    base, variant = get_backbone("tiny"), get_backbone("tiny@40")
+    assert variant.name == "tiny@40" and (variant.preprocess.resize, variant.preprocess.crop) == (40, 40)
+    assert (variant.preprocess.mean, variant.preprocess.std) == (base.preprocess.mean, base.preprocess.std)
+    img = torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)
+    whole = F.center_crop(F.resize(img, [40], antialias=True), [40, 40])  # only the longer side's excess goes
+    assert torch.equal(variant.preprocess(img), whole)
+    # the default keeps a crop_pct margin out: not the whole (short side of the) image
+    assert not torch.equal(base.preprocess(img), F.center_crop(F.resize(img, [32], antialias=True), [32, 32]))
+    assert variant.space_config("fp32") != base.space_config("fp32")
+    assert variant.model(variant.preprocess.normalize(whole[None])).shape == (1, 16)
+
+
+@pytest.mark.parametrize("name, match", [("tiny@abc", "integer from 32 to 1024"), ("tiny@8", "integer from 32"),
+                                         ("tiny@4096", "integer from 32"), ("nope@224", "unknown backbone 'nope'")])
+def test_size_variant_refuses_bad_sizes_and_names(name, match):
+    with pytest.raises(UserError, match=match):
+        get_backbone(name)
+
+
+def test_size_variant_is_known_to_the_torch_free_registry_and_engine_store():
+    from featurize import registry
+    from featurize.enginestore import request_key
+
+    assert registry.backbone_info("efficientnet_lite2@384").dim == 1280
+    assert registry.base_name("efficientnet_lite2@384") == "efficientnet_lite2"
+    # the engine store's request key covers the packaged weights file of the base (a reinstall is noticed)
+    files = request_key("efficientnet_lite0@224", None, "cpu", "bf16")["files"]
+    assert any(PACKAGED_WEIGHTS["efficientnet_lite0"].filename in f for f in files)
+
+
+def test_size_variant_refuses_a_fixed_size_model():
+    with pytest.raises(UserError, match="does not take 320 px inputs"):
+        get_backbone("timm:vit_tiny_patch16_224@320", pretrained=False)
+    assert get_backbone("timm:vit_tiny_patch16_224@224", pretrained=False).preprocess.crop == 224
+
+
+def test_size_variant_extracts_its_own_space_end_to_end(tmp_path):
+    import json
+
+    import featurize as fz
+    from conftest import make_dataset
+    from featurize.images import read_image
+
+    data = make_dataset(tmp_path / "data", per_class=2, ext=".png")
+    cache = tmp_path / "cache"
+    run = fz.extract(data, backbone="tiny@40", cache=cache, engine="torch", precision="fp32")
+    plain = fz.extract(data, backbone="tiny", cache=cache, engine="torch", precision="fp32")
+    assert run.space_id != plain.space_id and run.space_id.startswith("tiny-40-")
+    meta = json.loads((cache / "features" / run.space_id / "space.json").read_text())
+    assert meta["backbone"] == "tiny@40" and meta["preprocess"]["crop"] == 40
+    ds = fz.load_features(data, cache=cache, backbone="tiny@40")
+    bb = get_backbone("tiny@40")
+    imgs = torch.stack([bb.preprocess(read_image(p)) for p in ds.paths])
+    with torch.inference_mode():
+        expected = bb.model(bb.preprocess.normalize(imgs)).numpy()
+    np.testing.assert_allclose(ds.X, expected, rtol=1e-4, atol=1e-5)
