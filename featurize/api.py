@@ -41,7 +41,7 @@ def _api(fn):
     return wrapper
 
 
-def _cache_dir(cache):
+def _cache_of(cache):
     from featurize.layout import Cache
 
     return Cache.of(cache)  # None: $FEATURIZE_CACHE or ./cache
@@ -67,7 +67,7 @@ def extract(data, backbone: str = DEFAULT_BACKBONE, cache=None, *, weights: str 
     from featurize.extraction import Request, extract_folder
 
     request = Request(backbone, weights, batch_size, workers, device, precision, engine, wait, progress)
-    return extract_folder(data, _cache_dir(cache), request, ray, workers_per_node, gpus_per_worker)
+    return extract_folder(data, _cache_of(cache), request, ray, workers_per_node, gpus_per_worker)
 
 
 # --------------------------------------------------------------------------- cached features
@@ -110,10 +110,10 @@ def load_features(data=None, cache=None, backbone: str | None = None) -> Feature
     """
     from featurize import cache as fc
 
-    cache_dir = _cache_dir(cache)
-    _, index = fc.find_index(cache_dir, data)
-    space = fc.resolve_space(cache_dir, index, backbone)
-    X, labels, splits, rel = fc.load_features(cache_dir, index, space)
+    cache = _cache_of(cache)
+    _, index = fc.find_index(cache, data)
+    space = fc.resolve_space(cache, index, backbone)
+    X, labels, splits, rel = fc.load_features(cache, index, space)
     paths = [os.path.join(index.root, p) for p in rel]
     return Features(X, labels.astype(str), paths, index.classes, splits.astype(str), index.root, space.space_id,
                     space.info().get("backbone", space.space_id))
@@ -182,7 +182,7 @@ def fit(data=None, head: str = "logreg", cache=None, *, backbone: str | None = N
     out of training only (an :func:`audit` CSV or a list of paths). Torch-free."""
     from heads.commands import fit_head
 
-    o = fit_head(_cache_dir(cache), head, data, backbone, out, class_weight, seed, folds, n_jobs, exclude)
+    o = fit_head(_cache_of(cache), head, data, backbone, out, class_weight, seed, folds, n_jobs, exclude)
     s = o.summary
     return Fit(s["head"], s["paths"]["model"], s["space_id"], [str(c) for c in s["classes"]], s["metrics"], s)
 
@@ -211,7 +211,7 @@ def audit(data=None, cache=None, *, backbone: str | None = None, head: str = "lo
     ``<cache>/reports/audit-<dataset>.csv/.json`` (and ``.html`` with ``html=True``). Torch-free."""
     from heads.audit import DUP_THRESHOLD, audit_to_files
 
-    result, s = audit_to_files(_cache_dir(cache), data, backbone, head, class_weight=class_weight, seed=seed,
+    result, s = audit_to_files(_cache_of(cache), data, backbone, head, class_weight=class_weight, seed=seed,
                                folds=folds, n_jobs=n_jobs, out=out, html=html,
                                threshold=DUP_THRESHOLD if dup_threshold is None else dup_threshold)
     return Audit(s["label_issues"]["n"], s["near_duplicates"]["n_groups"], s["outliers"]["n"], result["rows"],

@@ -228,12 +228,15 @@ def space_id_for(config: dict) -> str:
 class FeatureSpace:
     """The feature vectors of one (backbone, weights, preprocessing, precision) in a cache."""
 
-    cache_dir: Path
+    cache: Cache  # a path is taken too, and made a Cache
     space_id: str
+
+    def __post_init__(self):
+        self.cache = Cache.of(self.cache)
 
     @property
     def folder(self) -> Path:
-        return Cache.of(self.cache_dir).space_folder(self.space_id)
+        return self.cache.space_folder(self.space_id)
 
     def exists(self) -> bool:
         return (self.folder / "space.json").exists()
@@ -244,7 +247,7 @@ class FeatureSpace:
         try:
             meta = json.loads(path.read_text())
         except FileNotFoundError:
-            raise UserError(f"no features for space {self.space_id} in {self.cache_dir}; run `extract` first") from None
+            raise UserError(f"no features for space {self.space_id} in {self.cache}; run `extract` first") from None
         except ValueError as e:  # not JSON, or not UTF-8
             raise _damaged(path, e, "the vectors are kept") from None
         dim = meta.get("dim") if isinstance(meta, dict) else None
@@ -618,9 +621,9 @@ class DatasetIndex:
         return [(p, s[len("error: "):]) for p, s in zip(self.path, self.status) if s.startswith("error")]
 
 
-def index_path(cache_dir: str | os.PathLike, root: str | os.PathLike) -> Path:
+def index_path(cache: Cache | str | os.PathLike, root: str | os.PathLike) -> Path:
     """The index file of the image folder ``root`` (:meth:`Cache.index_path`)."""
-    return Cache.of(cache_dir).index_path(root)
+    return Cache.of(cache).index_path(root)
 
 
 def fs_bytes(name: str) -> bytes:
@@ -733,30 +736,30 @@ def read_extractions(path: str | os.PathLike) -> dict:
     return runs if isinstance(runs, dict) else {}
 
 
-def list_indexes(cache_dir: str | os.PathLike) -> list[tuple[Path, DatasetIndex]]:
+def list_indexes(cache: Cache | str | os.PathLike) -> list[tuple[Path, DatasetIndex]]:
     """Return every dataset index in the cache, most recently updated first."""
-    out = [(p, read_index(p)) for p in Cache.of(cache_dir).index_files()]
+    out = [(p, read_index(p)) for p in Cache.of(cache).index_files()]
     return sorted(out, key=lambda t: t[1].updated_at, reverse=True)
 
 
-def find_index(cache_dir: str | os.PathLike, data: str | os.PathLike | None = None) -> tuple[Path, DatasetIndex]:
+def find_index(cache: Cache | str | os.PathLike, data: str | os.PathLike | None = None) -> tuple[Path, DatasetIndex]:
     """Return the index for ``data`` or, when ``data`` is None, the most recently extracted one."""
-    cache_dir = Path(cache_dir)
+    cache = Cache.of(cache)
     if data is not None:
-        p = index_path(cache_dir, data)
+        p = index_path(cache, data)
         if not p.exists():
             if not os.path.exists(data):  # a typo, most likely (an extracted folder may be gone: its index stays)
-                raise UserError(f"no folder {data}, and no extraction of it in {cache_dir}; check the path "
-                                f"(extracted folders: `cache --cache {cache_dir}`)")
-            raise UserError(f"{data} has not been extracted into {cache_dir}; run `extract {data}` first")
+                raise UserError(f"no folder {data}, and no extraction of it in {cache}; check the path "
+                                f"(extracted folders: `cache --cache {cache}`)")
+            raise UserError(f"{data} has not been extracted into {cache}; run `extract {data}` first")
         return p, read_index(p)
-    if cache_dir.exists() and not cache_dir.is_dir():
-        raise UserError(f"--cache {cache_dir} is a file, not a folder; pass the cache folder `extract` wrote")
-    if not cache_dir.is_dir():
-        raise UserError(f"the cache folder {cache_dir} does not exist; check --cache, or run `extract DATA` first")
-    found = list_indexes(cache_dir) if Cache.of(cache_dir).datasets_dir.is_dir() else []
+    if cache.root.exists() and not cache.root.is_dir():
+        raise UserError(f"--cache {cache} is a file, not a folder; pass the cache folder `extract` wrote")
+    if not cache.root.is_dir():
+        raise UserError(f"the cache folder {cache} does not exist; check --cache, or run `extract DATA` first")
+    found = list_indexes(cache) if cache.datasets_dir.is_dir() else []
     if not found:
-        raise UserError(f"the cache {cache_dir} is empty; run `extract DATA` first (or pass --cache)")
+        raise UserError(f"the cache {cache} is empty; run `extract DATA` first (or pass --cache)")
     return found[0]
 
 
@@ -765,21 +768,21 @@ def extractions_newest_first(index: DatasetIndex) -> list[tuple[str, dict]]:
     return sorted(index.extractions.items(), key=lambda kv: kv[1].get("finished_at", 0), reverse=True)
 
 
-def resolve_space(cache_dir: str | os.PathLike, index: DatasetIndex, backbone: str | None = None) -> FeatureSpace:
+def resolve_space(cache: Cache | str | os.PathLike, index: DatasetIndex, backbone: str | None = None) -> FeatureSpace:
     """Pick the feature space of ``index`` extracted with ``backbone`` (latest run when None).
 
     ``backbone`` may be a backbone name (``efficientnet_lite0``) or a full space id.
     """
     runs = extractions_newest_first(index)
     if not runs:
-        raise UserError(f"{index.root} has no finished extraction in {cache_dir}; run `extract {index.root}`")
+        raise UserError(f"{index.root} has no finished extraction in {cache}; run `extract {index.root}`")
     if backbone is None:
-        return FeatureSpace(Path(cache_dir), runs[0][0])
+        return FeatureSpace(cache, runs[0][0])
     if is_run_folder(backbone):  # a fine-tuning run folder
         backbone = f"run:{Path(backbone).resolve().name}"
     for sid, info in runs:
         if backbone in (sid, info.get("backbone")):
-            return FeatureSpace(Path(cache_dir), sid)
+            return FeatureSpace(cache, sid)
     have = ", ".join(sorted({info.get("backbone", sid) for sid, info in runs}))
     raise UserError(
         f"{index.root} was not extracted with backbone {backbone!r} (cached: {have}); "
@@ -788,7 +791,7 @@ def resolve_space(cache_dir: str | os.PathLike, index: DatasetIndex, backbone: s
 
 
 def load_features(
-    cache_dir: str | os.PathLike, index: DatasetIndex, space: FeatureSpace
+    cache: Cache | str | os.PathLike, index: DatasetIndex, space: FeatureSpace
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Join the index with a feature space.
 

@@ -157,7 +157,7 @@ class RayPipeline:
             raise UserError(f"--device {device} with CPU workers; pass --gpus-per-worker to use GPUs")
         return "cpu", precision  # auto: resolved on the driver's CPU, forced on every worker
 
-    def build_extractor(self, cache_dir, backbone: str, weights: str | None, device: str, precision: str,
+    def build_extractor(self, cache, backbone: str, weights: str | None, device: str, precision: str,
                         engine: str):
         """Connect, then build the backbone here only for its feature space (the engine runs on workers).
 
@@ -169,7 +169,7 @@ class RayPipeline:
         self.connect()
         asked = (device, precision)
         device, precision = self.resolve(device, precision)
-        lean = self._stored(cache_dir, backbone, weights, *asked, engine) if device == "cpu" else None
+        lean = self._stored(cache, backbone, weights, *asked, engine) if device == "cpu" else None
         if lean is not None:
             rec = lean.record
             self.spec = {"stored": True, "backbone": backbone if not os.path.isdir(backbone)
@@ -189,7 +189,7 @@ class RayPipeline:
             raise UserError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
         bb = get_backbone(backbone, weights=weights)
         config = bb.space_config(precision)
-        space = fc.FeatureSpace(cache_dir, fc.space_id_for(config))
+        space = fc.FeatureSpace(cache, fc.space_id_for(config))
         build = {"backbone": backbone if not os.path.isdir(backbone) else os.path.realpath(backbone),
                  "weights": os.path.realpath(weights) if weights else None}
         space.create({**config, "build": build, "dim": bb.dim}, bb.dim)
@@ -202,12 +202,12 @@ class RayPipeline:
         return RayExtractor(bb, _WorkerEngine(engine), torch.device(device), precision, space, self)
 
     @staticmethod
-    def _stored(cache_dir, backbone, weights, device, precision, engine):
+    def _stored(cache, backbone, weights, device, precision, engine):
         """The local torch-free extractor of this request (``fastpath.lean_extractor``), or None."""
         from featurize import fastpath
         from featurize.enginestore import request_key
 
-        return fastpath.lean_extractor(cache_dir, request_key(backbone, weights, device, precision), engine)
+        return fastpath.lean_extractor(cache, request_key(backbone, weights, device, precision), engine)
 
     def close(self) -> None:
         if self._started:

@@ -283,7 +283,7 @@ class EngineMismatch(UserError):
     """An optimised engine's vectors differ from the reference beyond ``COSINE_TOLERANCE``."""
 
 
-def engine_folder(cache_dir, space_id: str, engine: str) -> Path | None:
+def engine_folder(cache, space_id: str, engine: str) -> Path | None:
     """The stored engine's folder: once per user in the engine store, whatever the cache."""
     if space_id is None or engine != "openvino":
         return None
@@ -327,7 +327,8 @@ def make_engine(backbone, device: torch.device, precision: str, engine: str = "a
     ``auto`` picks OpenVINO on CPU when it is installed (it is 2-3x faster than PyTorch
     there; not for the ``tiny`` test model), PyTorch otherwise; if OpenVINO cannot convert this backbone or misses the
     tolerance, ``auto`` warns and uses PyTorch while ``openvino`` raises ``UserError``.
-    ``cache_dir``/``space_id`` key the converted model on disk. ``lazy`` defers building
+    ``cache_dir`` (the ``Cache``; unused since engines are stored once per user)/``space_id`` key the
+    converted model on disk. ``lazy`` defers building
     to the first batch (options are still validated now).
     """
     if engine not in ENGINES:

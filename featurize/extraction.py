@@ -62,7 +62,7 @@ def _hash_entries(root: str, scan_entries, old: fc.DatasetIndex | None) -> tuple
     return hashes, statuses, hashed
 
 
-def _known_space(old: fc.DatasetIndex | None, key: dict, cache_dir) -> str | None:
+def _known_space(old: fc.DatasetIndex | None, key: dict, cache: Cache) -> str | None:
     """The space id a finished run with the same request resolved to: this folder's own runs
     first, then any other folder's in the cache (a new folder of already-embedded images)."""
     def newest_first(p: Path) -> float:
@@ -72,13 +72,13 @@ def _known_space(old: fc.DatasetIndex | None, key: dict, cache_dir) -> str | Non
             return 0.0
 
     def others():  # only looked at when this folder's own runs do not know the request
-        for p in sorted(fc.Cache.of(cache_dir).index_files(), key=newest_first):
+        for p in sorted(cache.index_files(), key=newest_first):
             yield fc.read_extractions(p)
 
     runs = itertools.chain([old.extractions] if old else [], others())
     for extractions in runs:
         for sid, run in extractions.items():
-            if isinstance(run, dict) and run.get("request") == key and fc.FeatureSpace(cache_dir, sid).usable():
+            if isinstance(run, dict) and run.get("request") == key and fc.FeatureSpace(cache, sid).usable():
                 return sid
     return None
 
@@ -262,7 +262,8 @@ def extract(data, cache_dir=None, backbone: str = "efficientnet_lite0", weights:
             batch_size: int = 32, workers: int | None = None, device: str = "auto", precision: str = "auto",
             engine: str = "auto", wait: bool = False, progress: bool = True, ray: str | None = None,
             workers_per_node: int | None = None, gpus_per_worker: float | None = None) -> dict:
-    """:func:`extract_folder`'s JSON-able summary (``extract --json``)."""
+    """:func:`extract_folder`'s JSON-able summary (``extract --json``); ``cache_dir`` is the cache (a
+    ``Cache`` or its folder; None: ``$FEATURIZE_CACHE`` or ``./cache``)."""
     return extract_folder(data, cache_dir, Request(backbone, weights, batch_size, workers, device, precision, engine,
                                                    wait, progress), ray, workers_per_node, gpus_per_worker).to_dict()
 
@@ -576,28 +577,28 @@ def format_summary(s: dict) -> str:
 # --------------------------------------------------------------------------- predict support
 
 
-def embed_paths(paths: list[str], space_id: str, cache_dir=None, batch_size: int = 32, device: str = "auto",
+def embed_paths(paths: list[str], space_id: str, cache=None, batch_size: int = 32, device: str = "auto",
                 workers: int | None = None) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """Embed image files into an existing feature space, reusing cached vectors by content hash.
 
     Returns ``(X float32 (n_ok, D), ok_paths, errors [(path, reason)])``; new vectors are
     added to the cache. Raises ``UserError`` if the space is unknown or its weights changed.
     """
-    cache_dir = fc.default_cache_dir() if cache_dir is None else cache_dir
-    check_cache_dir(cache_dir)
+    cache = Cache.of(cache)  # None: $FEATURIZE_CACHE or ./cache
+    check_cache_dir(cache)
     check_batch_size(batch_size)
     workers = resolve_workers(workers)
-    space = fc.FeatureSpace(cache_dir, space_id)
+    space = fc.FeatureSpace(cache, space_id)
     info = space.info()
 
     def build():
-        lean = fastpath.lean_for_space(cache_dir, space_id, device)  # stored engine: no torch
+        lean = fastpath.lean_for_space(cache, space_id, device)  # stored engine: no torch
         if lean is not None:
             return lean
         from featurize.pipeline import build_extractor
 
         how = info.get("build", {})
-        ex = build_extractor(cache_dir, how.get("backbone", info["backbone"]), how.get("weights"), device,
+        ex = build_extractor(cache, how.get("backbone", info["backbone"]), how.get("weights"), device,
                              info["precision"])
         if ex.space.space_id != space_id:
             raise UserError(f"the weights of {info['backbone']} changed since space {space_id} was extracted "

@@ -72,10 +72,10 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def lean_extractor(cache_dir, key: dict, engine: str) -> LeanExtractor | None:
+def lean_extractor(cache, key: dict, engine: str) -> LeanExtractor | None:
     """The torch-free extractor for request ``key`` when the store has its record and engine, else None.
 
-    Registers the feature space in ``cache_dir`` (``space.json`` from the record) when new.
+    Registers the feature space in ``cache`` (``space.json`` from the record) when new.
     """
     if engine not in LEAN_ENGINES or enginestore.openvino_version() is None:
         return None
@@ -88,7 +88,7 @@ def lean_extractor(cache_dir, key: dict, engine: str) -> LeanExtractor | None:
     folder = enginestore.engine_dir(rec["space_id"])
     if not enginestore.is_complete(folder):  # the store was cleared: convert again on the full path
         return None
-    space = fc.FeatureSpace(cache_dir, rec["space_id"])
+    space = fc.FeatureSpace(cache, rec["space_id"])
     if space.held_engine() not in (None, "openvino"):  # auto keeps the engine a space holds (full path)
         return None
     if not space.exists():
@@ -97,14 +97,14 @@ def lean_extractor(cache_dir, key: dict, engine: str) -> LeanExtractor | None:
     return LeanExtractor(space, rec, folder, cpu_cores())
 
 
-def lean_for_space(cache_dir, space_id: str, device: str = "auto") -> LeanExtractor | None:
+def lean_for_space(cache, space_id: str, device: str = "auto") -> LeanExtractor | None:
     """The torch-free extractor for an existing feature space (``predict`` of new images) when the
     store holds its OpenVINO engine and it would run on this CPU; else None (the full path)."""
     if device not in ("auto", "cpu") or enginestore.openvino_version() is None:
         return None
     if device == "auto" and enginestore.host()["nvidia"]:  # auto would pick the GPU
         return None
-    space = fc.FeatureSpace(cache_dir, space_id)
+    space = fc.FeatureSpace(cache, space_id)
     info = space.info()
     if space.held_engine() not in (None, "openvino"):  # a space never mixes engines' vectors
         return None

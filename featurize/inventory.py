@@ -41,8 +41,8 @@ def _held_out_accuracy(metrics: dict) -> tuple[str, float] | None:
     return None
 
 
-def describe_cache(cache_dir) -> dict:
-    """Return what ``cache_dir`` holds.
+def describe_cache(cache) -> dict:
+    """Return what ``cache`` holds.
 
     Takes the cache folder. Returns ``{"cache", "bytes", "datasets", "spaces", "heads",
     "engines"}``: each dataset with its image counts and per-space extraction summaries, each
@@ -51,7 +51,7 @@ def describe_cache(cache_dir) -> dict:
     Raises ``UserError`` when the folder does not exist or holds something else than a
     featurize cache (an empty folder is an empty cache).
     """
-    cache = fc.Cache.of(cache_dir)
+    cache = fc.Cache.of(cache)
     root = cache.root
     if not root.is_dir():
         raise UserError(f"no cache at {root}; run `extract DATA` first (or pass --cache DIR)")

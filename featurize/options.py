@@ -84,9 +84,9 @@ def resolve_workers(workers, default_max: int = 8) -> int:
     return min(workers, cores)
 
 
-def check_cache_dir(cache_dir) -> Path:
+def check_cache_dir(cache) -> Path:
     """Refuse a ``--cache`` path that exists but is not a folder, or sits under a file."""
-    return check_out_dir(cache_dir, "--cache")
+    return check_out_dir(cache, "--cache")
 
 
 def check_out_dir(path, option: str = "--out") -> Path:

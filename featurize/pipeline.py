@@ -78,7 +78,7 @@ class Extractor:
         return reader(paths, self.backbone.preprocess, batch_size, workers, pin=self.device.type == "cuda")
 
 
-def build_extractor(cache_dir, backbone: str, weights: str | None = None, device: str = "auto",
+def build_extractor(cache, backbone: str, weights: str | None = None, device: str = "auto",
                     precision: str = "auto", engine: str = "auto") -> Extractor:
     """Build the backbone and engine and register its feature space in the cache.
 
@@ -88,10 +88,10 @@ def build_extractor(cache_dir, backbone: str, weights: str | None = None, device
     prec = resolve_precision(precision, dev)
     bb = get_backbone(backbone, weights=weights)
     config = bb.space_config(prec)
-    space = fc.FeatureSpace(cache_dir, fc.space_id_for(config))
+    space = fc.FeatureSpace(cache, fc.space_id_for(config))
     build = {"backbone": backbone if not os.path.isdir(backbone) else os.path.realpath(backbone),
              "weights": os.path.realpath(weights) if weights else None}
     engine = space.engine_for(engine)  # auto keeps the engine whose vectors the space holds
-    eng = make_engine(bb, dev, prec, engine, cache_dir=cache_dir, space_id=space.space_id, lazy=True)
+    eng = make_engine(bb, dev, prec, engine, cache_dir=cache, space_id=space.space_id, lazy=True)
     space.create({**config, "build": build, "dim": bb.dim}, bb.dim)
     return Extractor(bb, eng, dev, prec, space, build)

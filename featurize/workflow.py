@@ -90,7 +90,7 @@ def demo(cache, out="data/digits", head: str = "logreg", progress: bool = True) 
 
     folder = write_digits(out)
     print(f"wrote scikit-learn's 1,797 handwritten digits to {folder}/<digit>/*.png")
-    summary = extract(str(folder), cache_dir=Cache.of(cache), backbone="efficientnet_lite0", progress=progress)
+    summary = extract(str(folder), cache=Cache.of(cache), backbone="efficientnet_lite0", progress=progress)
     print(format_summary(summary))
     return {"extract": summary, "fit": run_fit(Cache.of(cache), head=head, data=str(folder))}
 

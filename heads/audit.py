@@ -361,7 +361,7 @@ class Novelty:
         return outlier_scores(topk)
 
 
-def novelty_for(cache_dir, meta: dict) -> Novelty | None:
+def novelty_for(cache, meta: dict) -> Novelty | None:
     """The novelty reference of a saved head: its dataset's training rows in its feature space.
 
     Returns None (no flag, not an error) when the cache no longer holds them.
@@ -369,8 +369,8 @@ def novelty_for(cache_dir, meta: dict) -> Novelty | None:
     from featurize.cache import FeatureSpace, find_index, load_features
 
     try:
-        _, index = find_index(cache_dir, meta["dataset"])
-        X, labels, splits, _ = load_features(cache_dir, index, FeatureSpace(Path(cache_dir), meta["space_id"]))
+        _, index = find_index(cache, meta["dataset"])
+        X, labels, splits, _ = load_features(cache, index, FeatureSpace(cache, meta["space_id"]))
     except (UserError, KeyError, OSError):
         return None
     keep = np.array([bool(lab) for lab in labels], bool)
@@ -382,7 +382,7 @@ def novelty_for(cache_dir, meta: dict) -> Novelty | None:
 # --------------------------------------------------------------------------- the audit
 
 
-def pixel_hashes(cache_dir, lf, compute: bool = True) -> tuple[PixelHashes, dict]:
+def pixel_hashes(cache, lf, compute: bool = True) -> tuple[PixelHashes, dict]:
     """The perceptual hashes of the loaded rows (cached by content hash) and the pass's stats;
     ``compute=False`` reads only the cached ones (no image is decoded)."""
     from featurize.cache import read_index
@@ -390,11 +390,11 @@ def pixel_hashes(cache_dir, lf, compute: bool = True) -> tuple[PixelHashes, dict
 
     index = read_index(lf.index_path)
     key = {p: h for p, h, st in zip(index.path, index.hash, index.status) if st == "ok"}
-    codes, has, stats = dataset_hashes(cache_dir, lf.root, lf.paths, [key.get(p, "") for p in lf.paths], compute)
+    codes, has, stats = dataset_hashes(cache, lf.root, lf.paths, [key.get(p, "") for p in lf.paths], compute)
     return PixelHashes(codes, has), stats
 
 
-def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=None, seed=0, folds=5, n_jobs=None,
+def audit(cache, data=None, backbone=None, head="logreg", *, class_weight=None, seed=0, folds=5, n_jobs=None,
           threshold: float = DUP_THRESHOLD, k: int = OUTLIER_K, pixels: bool = True) -> dict:
     """Find suspected label errors, near-duplicates and outliers in a dataset's cached features.
 
@@ -413,14 +413,14 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
     check_eval_options(folds, seed, n_jobs)
     number_in("--dup-threshold", threshold, 0.0, 1.0, low_open=True)
     t0 = time.perf_counter()
-    lf = load_labelled(cache_dir, data, backbone)
+    lf = load_labelled(cache, data, backbone)
     t_load = time.perf_counter()
     proba, classes, kfold = out_of_sample_proba(head, lf.X, lf.y, class_weight=class_weight, seed=seed, folds=folds,
                                                 n_jobs=n_jobs)
     t_proba = time.perf_counter()
     li = label_issues(lf.y, proba, classes)
     t_clean = time.perf_counter()
-    ph, ph_stats = pixel_hashes(cache_dir, lf) if pixels else (None, None)
+    ph, ph_stats = pixel_hashes(cache, lf) if pixels else (None, None)
     t_pix = time.perf_counter()
     pairs, sims, topk = audit_pass(lf.X, threshold, k, pixels=ph)
     bits = ph.distance(pairs[:, 0], pairs[:, 1]) if ph is not None else np.full(len(pairs), -1)
@@ -429,50 +429,17 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
     cutoff = fence(scores)
     t_sim = time.perf_counter()
 
-    paths, y, splits = lf.paths, lf.y, lf.splits
-    rows = []
-    for i in sorted(np.flatnonzero(li["mask"]), key=lambda i: li["quality"][i]):
-        rows.append({"path": paths[i], "issue": "label", "score": round(1.0 - float(li["quality"][i]), 4),
-                     "label": y[i], "suggested": str(li["suggested"][i]), "partner": "", "split": splits[i],
-                     "cross_label": "", "cross_split": ""})
-    U = dup_rows(lf.X)
-    for g in groups:
-        keep = g["keep"]
-        for i in g["members"]:
-            if i != keep:
-                cos = float(U[i] @ U[keep])
-                rows.append({"path": paths[i], "issue": "near_duplicate", "score": round(cos, 4), "label": y[i],
-                             "suggested": "", "partner": paths[keep], "split": splits[i],
-                             "cross_label": int(g["cross_label"]), "cross_split": int(g["cross_split"])})
+    rows = _label_rows(lf, li) + _duplicate_rows(lf, groups)
     flagged_out = np.flatnonzero(scores > cutoff)
-    for i in flagged_out[np.argsort(-scores[flagged_out], kind="stable")]:
-        rows.append({"path": paths[i], "issue": "outlier", "score": round(float(scores[i]), 4), "label": y[i],
-                     "suggested": "", "partner": "", "split": splits[i], "cross_label": "", "cross_split": ""})
-
-    def pair_item(a, b, s, d):
-        return {"path": paths[a], "partner": paths[b], "cosine": round(float(s), 4), "pixel_bits": int(d),
-                "labels": [y[a], y[b]], "splits": [splits[a], splits[b]]}
-
-    n_label = int(li["mask"].sum())
+    rows += _outlier_rows(lf, scores, flagged_out)
     return {
         "dataset": lf.root, "backbone": lf.space_info.get("backbone", lf.space_id), "space_id": lf.space_id,
-        "head": head, "protocol": f"cv-{kfold}", "seed": seed, "n_images": int(len(y)), "classes": classes,
+        "head": head, "protocol": f"cv-{kfold}", "seed": seed, "n_images": int(len(lf.y)), "classes": classes,
         "layout": lf.layout, "index_path": lf.index_path,
-        "label_issues": {"n": n_label, "per_class": li["per_class"], "estimated_noise_rate": round(li["noise_rate"], 4),
+        "label_issues": {"n": int(li["mask"].sum()), "per_class": li["per_class"],
+                         "estimated_noise_rate": round(li["noise_rate"], 4),
                          "top": [r for r in rows if r["issue"] == "label"][:TOP_SHOWN]},
-        "near_duplicates": {
-            "threshold": threshold, "pixel_rule": {"max_bits": PIXEL_BITS, "of_bits": 255, "min_cosine": PIXEL_FLOOR}
-            if pixels else None, "pixel_hashes": ph_stats, "n_pairs": int(len(pairs)),
-            "n_pixel_pairs": int(np.sum(sims < threshold)), "n_groups": len(groups),
-            "n_images": sum(len(g["members"]) for g in groups),
-            "cross_label_groups": sum(g["cross_label"] for g in groups),
-            "cross_split_groups": sum(g["cross_split"] for g in groups),
-            "groups": [{**g, "members": [paths[i] for i in g["members"]], "keep": paths[g["keep"]],
-                        "labels": [y[i] for i in g["members"]], "splits": [splits[i] for i in g["members"]]}
-                       for g in groups],
-            "top": [pair_item(a, b, s, d) for (a, b), s, d in zip(pairs[:TOP_SHOWN].tolist(), sims[:TOP_SHOWN],
-                                                                   bits[:TOP_SHOWN])],
-        },
+        "near_duplicates": _duplicates_summary(lf, threshold, pixels, ph_stats, pairs, sims, bits, groups),
         "outliers": {"k": k, "cutoff": round(cutoff, 4), "n": int(len(flagged_out)),
                      "top": [r for r in rows if r["issue"] == "outlier"][:TOP_SHOWN]},
         "rows": rows,
@@ -480,6 +447,55 @@ def audit(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=No
                     "cleanlab_s": round(t_clean - t_proba, 3), "pixel_hash_s": round(t_pix - t_clean, 3),
                     "similarity_s": round(t_sim - t_pix, 3),
                     "total_s": round(time.perf_counter() - t0, 3)},
+    }
+
+
+def _row(lf, i: int, issue: str, score: float, suggested="", partner="", cross_label="", cross_split="") -> dict:
+    """One flagged (image, issue): a row of the audit's CSV."""
+    return {"path": lf.paths[i], "issue": issue, "score": round(float(score), 4), "label": lf.y[i],
+            "suggested": suggested, "partner": partner, "split": lf.splits[i], "cross_label": cross_label,
+            "cross_split": cross_split}
+
+
+def _label_rows(lf, li: dict) -> list[dict]:
+    """Suspected label errors, most suspicious first."""
+    return [_row(lf, i, "label", 1.0 - float(li["quality"][i]), suggested=str(li["suggested"][i]))
+            for i in sorted(np.flatnonzero(li["mask"]), key=lambda i: li["quality"][i])]
+
+
+def _duplicate_rows(lf, groups: list[dict]) -> list[dict]:
+    """Every near-duplicate but the one each group keeps, with its cosine to the kept image."""
+    U = dup_rows(lf.X)
+    return [_row(lf, i, "near_duplicate", float(U[i] @ U[g["keep"]]), partner=lf.paths[g["keep"]],
+                 cross_label=int(g["cross_label"]), cross_split=int(g["cross_split"]))
+            for g in groups for i in g["members"] if i != g["keep"]]
+
+
+def _outlier_rows(lf, scores: np.ndarray, flagged: np.ndarray) -> list[dict]:
+    """Outliers, farthest first."""
+    return [_row(lf, i, "outlier", scores[i]) for i in flagged[np.argsort(-scores[flagged], kind="stable")]]
+
+
+def _duplicates_summary(lf, threshold: float, pixels: bool, ph_stats, pairs, sims, bits, groups) -> dict:
+    """The ``near_duplicates`` section: the rule, the counts, the groups and the top pairs."""
+    paths, y, splits = lf.paths, lf.y, lf.splits
+
+    def pair_item(a, b, s, d):
+        return {"path": paths[a], "partner": paths[b], "cosine": round(float(s), 4), "pixel_bits": int(d),
+                "labels": [y[a], y[b]], "splits": [splits[a], splits[b]]}
+
+    return {
+        "threshold": threshold, "pixel_rule": {"max_bits": PIXEL_BITS, "of_bits": 255, "min_cosine": PIXEL_FLOOR}
+        if pixels else None, "pixel_hashes": ph_stats, "n_pairs": int(len(pairs)),
+        "n_pixel_pairs": int(np.sum(sims < threshold)), "n_groups": len(groups),
+        "n_images": sum(len(g["members"]) for g in groups),
+        "cross_label_groups": sum(g["cross_label"] for g in groups),
+        "cross_split_groups": sum(g["cross_split"] for g in groups),
+        "groups": [{**g, "members": [paths[i] for i in g["members"]], "keep": paths[g["keep"]],
+                    "labels": [y[i] for i in g["members"]], "splits": [splits[i] for i in g["members"]]}
+                   for g in groups],
+        "top": [pair_item(a, b, s, d) for (a, b), s, d in zip(pairs[:TOP_SHOWN].tolist(), sims[:TOP_SHOWN],
+                                                               bits[:TOP_SHOWN])],
     }
 
 
@@ -525,7 +541,7 @@ def format_audit(result: dict) -> str:
     return "\n".join(lines)
 
 
-def audit_to_files(cache_dir, data=None, backbone=None, head="logreg", *, class_weight=None, seed=0, folds=5,
+def audit_to_files(cache, data=None, backbone=None, head="logreg", *, class_weight=None, seed=0, folds=5,
                    n_jobs=None, threshold: float = DUP_THRESHOLD, out=None, html: bool = False,
                    max_gallery: int = 60) -> tuple[dict, dict]:
     """Audit and write CSV + JSON (+ the HTML gallery) under ``<cache>/reports/`` (or ``out``), printing
@@ -537,9 +553,9 @@ def audit_to_files(cache_dir, data=None, backbone=None, head="logreg", *, class_
     int_at_least("--max-gallery", max_gallery, 0)
     if out:
         check_out_file(out)
-    result = audit(cache_dir, data, backbone, head, class_weight=class_weight, seed=seed, folds=folds, n_jobs=n_jobs,
+    result = audit(cache, data, backbone, head, class_weight=class_weight, seed=seed, folds=folds, n_jobs=n_jobs,
                    threshold=threshold)
-    stem = Path(out) if out else Cache.of(cache_dir).audit_stem(result["index_path"])
+    stem = Path(out) if out else Cache.of(cache).audit_stem(result["index_path"])
     paths = write_audit(result, stem)
     if html:
         from heads.audit_html import build_gallery
@@ -550,14 +566,14 @@ def audit_to_files(cache_dir, data=None, backbone=None, head="logreg", *, class_
     summary.update(n_flagged_images=len({r["path"] for r in result["rows"]}), paths=paths, refit_command=None)
     if result["rows"]:  # the command that refits without them, on the same data, backbone and cache
         argv = ["python", "cli.py", "fit", "--head", head, "--data", result["dataset"], "--backbone",
-                result["backbone"], "--cache", str(cache_dir), "--exclude", paths["csv"]]
+                result["backbone"], "--cache", str(cache), "--exclude", paths["csv"]]
         summary["refit_command"] = " ".join(map(shlex.quote, argv))
     return result, summary
 
 
-def run_audit(cache_dir, data=None, backbone=None, head="logreg", **options) -> dict:
+def run_audit(cache, data=None, backbone=None, head="logreg", **options) -> dict:
     """``featurize audit``: :func:`audit_to_files`, then print the summary; returns the --json dict."""
-    result, summary = audit_to_files(cache_dir, data, backbone, head, **options)
+    result, summary = audit_to_files(cache, data, backbone, head, **options)
     print(format_audit(result))
     print(f"written: {'  '.join(summary['paths'].values())}")
     if summary["refit_command"]:  # the last line

@@ -39,7 +39,7 @@ class FitOutcome:
     exclude_note: str | None = None
 
 
-def fit_head(cache_dir, head="logreg", data=None, backbone=None, out=None, class_weight=None, seed=0, folds=5,
+def fit_head(cache, head="logreg", data=None, backbone=None, out=None, class_weight=None, seed=0, folds=5,
              n_jobs=None, exclude=None) -> FitOutcome:
     """Fit ``head`` on the cached features of a dataset and save it; prints nothing but the
     split-leak warning (stderr).
@@ -57,9 +57,9 @@ def fit_head(cache_dir, head="logreg", data=None, backbone=None, out=None, class
         if exclude:
             raise UserError("--exclude is not supported with --head sgd (it streams the shards); "
                             "use another head, or move the excluded images out of the folder and re-run `extract`")
-        return _fit_sgd(cache_dir, data, backbone, out, class_weight, seed, folds)
+        return _fit_sgd(cache, data, backbone, out, class_weight, seed, folds)
     t0 = time.perf_counter()
-    lf = load_labelled(cache_dir, data, backbone)
+    lf = load_labelled(cache, data, backbone)
     load_s = time.perf_counter() - t0
     drop, excluded = exclusion(exclude, lf)
     leaks = warn_leaks(lf, drop)
@@ -68,7 +68,7 @@ def fit_head(cache_dir, head="logreg", data=None, backbone=None, out=None, class
         ev = evaluate(head, lf.X, lf.y, lf.splits, lf.paths, class_weight=class_weight, seed=seed, folds=folds,
                       n_jobs=n_jobs, exclude=drop)
     backbone_name = lf.space_info.get("backbone", lf.space_id)
-    path = Path(out) if out else head_path(cache_dir, lf.index_path, lf.space_id, head)
+    path = Path(out) if out else head_path(cache, lf.index_path, lf.space_id, head)
     meta = {
         "head": head, "resolved": ev.resolved, "class_weight": class_weight, "seed": seed, "folds": folds,
         "protocol": ev.protocol, "dataset": lf.root, "index_path": lf.index_path, "layout": lf.layout,
@@ -89,18 +89,18 @@ def fit_head(cache_dir, head="logreg", data=None, backbone=None, out=None, class
                       excluded["note"] if excluded else None)
 
 
-def _fit_sgd(cache_dir, data, backbone, out, class_weight, seed, folds) -> FitOutcome:
+def _fit_sgd(cache, data, backbone, out, class_weight, seed, folds) -> FitOutcome:
     """``fit --head sgd``: :mod:`heads.outofcore` streams the shards; saved and reported like any head."""
     from heads.outofcore import HOLDOUT_FRACTION, fit_sgd_from_cache
     from heads.protocol import MAX_KEPT_ERRORS
 
-    r = fit_sgd_from_cache(cache_dir, data, backbone, class_weight=class_weight, seed=seed,
+    r = fit_sgd_from_cache(cache, data, backbone, class_weight=class_weight, seed=seed,
                            log=lambda s: print(s, file=sys.stderr), max_errors=MAX_KEPT_ERRORS)
     plan, info = r["plan"], r["info"]
     protocol = "split" if (plan.part >= 2).any() and not (plan.part == 4).any() else f"holdout-{HOLDOUT_FRACTION:g}"
     space_info = plan.space.info()
     backbone_name = space_info.get("backbone", plan.space.space_id)
-    path = Path(out) if out else head_path(cache_dir, plan.index_path, plan.space.space_id, "sgd")
+    path = Path(out) if out else head_path(cache, plan.index_path, plan.space.space_id, "sgd")
     timings = {"load_s": round(r["load_s"], 3), "fit_s": round(r["fit_s"], 3), "eval_s": round(r["eval_s"], 3)}
     meta = {
         "head": "sgd", "resolved": "sgd", "class_weight": class_weight, "seed": seed, "folds": folds,
@@ -144,7 +144,7 @@ def format_fit(o: FitOutcome) -> str:
     ])
 
 
-def run_fit(cache_dir, head="logreg", data=None, backbone=None, out=None, class_weight=None, seed=0, folds=5,
+def run_fit(cache, head="logreg", data=None, backbone=None, out=None, class_weight=None, seed=0, folds=5,
             n_jobs=None, exclude=None) -> dict:
     """Fit ``head`` on the cached features of a dataset, print its metrics and save it; returns a summary.
 
@@ -156,12 +156,12 @@ def run_fit(cache_dir, head="logreg", data=None, backbone=None, out=None, class_
         for name, text in heads.items():
             print(f"{name:<12}{text}")
         return {"heads": heads}
-    outcome = fit_head(cache_dir, head, data, backbone, out, class_weight, seed, folds, n_jobs, exclude)
+    outcome = fit_head(cache, head, data, backbone, out, class_weight, seed, folds, n_jobs, exclude)
     print(format_fit(outcome))
     return outcome.summary
 
 
-def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, class_weight=None, seed=0, folds=5,
+def run_compare(cache, data=None, heads=None, backbones=None, out=None, class_weight=None, seed=0, folds=5,
                 n_jobs=None, quiet=False, exclude=None) -> dict:
     """Run the leaderboard, print it and write CSV + JSON; returns the rows and file paths.
 
@@ -175,10 +175,10 @@ def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, clas
         raise UserError("--heads is empty; pass comma-separated head names (e.g. logreg,svm) or leave it out for all")
     if backbones is not None and not backbones:
         raise UserError("--backbones is empty; pass comma-separated backbones or leave it out for all cached")
-    ipath, _ = find_index(cache_dir, data)
-    result = compare(cache_dir, data, heads, backbones, class_weight=class_weight, seed=seed, folds=folds,
+    ipath, _ = find_index(cache, data)
+    result = compare(cache, data, heads, backbones, class_weight=class_weight, seed=seed, folds=folds,
                      n_jobs=n_jobs, log=not quiet, exclude=exclude)
-    stem = Path(out) if out else Cache.of(cache_dir).compare_stem(ipath)
+    stem = Path(out) if out else Cache.of(cache).compare_stem(ipath)
     paths = write_leaderboard(result, stem)
     print(f"leaderboard for {result['dataset']} ({len(result['rows'])} runs, {result['seconds']:.1f} s)")
     if result.get("exclude"):
@@ -190,7 +190,7 @@ def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, clas
         same_name = {r["space_id"] for r in result["rows"] if r["backbone"] == best["backbone"]}
         which = best["backbone"] if len(same_name) == 1 else best["space_id"]
         argv = ["python", "cli.py", "fit", "--head", best["head"], "--backbone", which, "--data", result["dataset"],
-                "--cache", str(cache_dir), "--seed", str(seed), "--folds", str(folds)]
+                "--cache", str(cache), "--seed", str(seed), "--folds", str(folds)]
         if class_weight:
             argv += ["--class-weight", class_weight]
         if exclude:
@@ -200,15 +200,15 @@ def run_compare(cache_dir, data=None, heads=None, backbones=None, out=None, clas
     return {**result, "paths": paths}
 
 
-def _head_file(cache_dir, head, model, data, backbone) -> Path:
+def _head_file(cache, head, model, data, backbone) -> Path:
     if model:
         return Path(model)
     from featurize.cache import find_index, resolve_space
 
     check_head_name(head)
-    ipath, index = find_index(cache_dir, data)
-    space = resolve_space(cache_dir, index, backbone)
-    path = head_path(cache_dir, ipath, space.space_id, head)
+    ipath, index = find_index(cache, data)
+    space = resolve_space(cache, index, backbone)
+    path = head_path(cache, ipath, space.space_id, head)
     if not path.exists():
         raise UserError(f"no fitted {head} head for {index.root} with {space.info().get('backbone', space.space_id)}; "
                         f"run `fit --head {head}` first (or pass --model PATH)")
@@ -235,14 +235,14 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return list(dict.fromkeys(files)), errors
 
 
-def run_predict(cache_dir, inputs, head="logreg", model=None, data=None, backbone=None, top_k=3, fmt="table",
+def run_predict(cache, inputs, head="logreg", model=None, data=None, backbone=None, top_k=3, fmt="table",
                 trust=False, embed=None) -> dict:
     """Classify files/folders; prints rows to stdout (table/csv/json) and bad files to stderr."""
     from heads.predict import format_rows, predict_files
 
     t0 = time.perf_counter()
     check_top_k(top_k)
-    path = _head_file(cache_dir, head, model, data, backbone)
+    path = _head_file(cache, head, model, data, backbone)
     estimator, meta = load_head(path, trust=trust)
     _check_backbone(meta, backbone, path)
     files, errors = expand_inputs(inputs)
@@ -254,8 +254,8 @@ def run_predict(cache_dir, inputs, head="logreg", model=None, data=None, backbon
           f"{meta.get('backbone', '?')} (space {sid})", file=sys.stderr)
     from heads.audit import novelty_for
 
-    novelty = novelty_for(cache_dir, meta)  # None when the cache no longer holds the training rows
-    rows, bad = predict_files(estimator, meta, files, cache_dir,
+    novelty = novelty_for(cache, meta)  # None when the cache no longer holds the training rows
+    rows, bad = predict_files(estimator, meta, files, cache,
                               embed=(lambda paths: embed(sid, paths)) if embed else None, top_k=top_k, novelty=novelty)
     n_inputs = len(files) + len(errors)  # files found + paths that do not exist
     errors += bad
@@ -277,7 +277,7 @@ def run_predict(cache_dir, inputs, head="logreg", model=None, data=None, backbon
             "timings": {"total_s": round(time.perf_counter() - t0, 3)}}
 
 
-def run_report(cache_dir, head="logreg", model=None, data=None, backbone=None, out=None, max_errors=60,
+def run_report(cache, head="logreg", model=None, data=None, backbone=None, out=None, max_errors=60,
                trust=False) -> dict:
     """Write the HTML report (+ PNGs) of a fitted head; reads only its JSON metadata, never the pickle."""
     from heads.report import build_report
@@ -285,7 +285,7 @@ def run_report(cache_dir, head="logreg", model=None, data=None, backbone=None, o
     int_at_least("--max-errors", max_errors, 0, what=" (0: no gallery)")
     if out:
         check_out_dir(out)
-    path = _head_file(cache_dir, head, model, data, backbone)
+    path = _head_file(cache, head, model, data, backbone)
     meta = read_trusted_meta(path, trust=trust)
     _check_backbone(meta, backbone, path)
     out_dir = Path(out) if out else path.with_name(f"{path.stem}-report")

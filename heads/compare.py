@@ -26,7 +26,7 @@ def embed_cost(extraction: dict) -> tuple[float | None, float | None]:
     return round(n / secs, 2), round(secs, 1)
 
 
-def compare(cache_dir, data=None, heads=None, backbones=None, *, class_weight=None, seed=0, folds=5, n_jobs=None,
+def compare(cache, data=None, heads=None, backbones=None, *, class_weight=None, seed=0, folds=5, n_jobs=None,
             log=True, exclude=None) -> dict:
     """Evaluate each head on each feature space of a dataset and rank them.
 
@@ -40,16 +40,16 @@ def compare(cache_dir, data=None, heads=None, backbones=None, *, class_weight=No
 
     t0 = time.perf_counter()
     heads = [check_head_name(h) for h in (heads or list_heads(distinct=True))]
-    _, index = find_index(cache_dir, data)
-    spaces = [resolve_space(cache_dir, index, b).space_id for b in backbones] if backbones else \
+    _, index = find_index(cache, data)
+    spaces = [resolve_space(cache, index, b).space_id for b in backbones] if backbones else \
         sorted(index.extractions, key=lambda s: -index.extractions[s].get("finished_at", 0))
     if not spaces:
-        raise UserError(f"{index.root} has no finished extraction in {cache_dir}; run `extract {index.root}`")
+        raise UserError(f"{index.root} has no finished extraction in {cache}; run `extract {index.root}`")
     from heads.audit import exclusion, warn_leaks
 
     candidates, data_of, drop_of, excluded, leaks = [], {}, {}, None, 0
     for n_space, sid in enumerate(spaces):
-        lf = load_labelled(cache_dir, data if data is not None else index.root, sid)
+        lf = load_labelled(cache, data if data is not None else index.root, sid)
         data_of[sid] = lf
         drop_of[sid], excluded = exclusion(exclude, lf)
         if n_space == 0:  # the images are the same in every space: warn once

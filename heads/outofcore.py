@@ -196,27 +196,25 @@ def _index_attrs(path: Path) -> dict:
                 "extractions": json.loads(f.attrs["extractions"]), "updated_at": float(f.attrs["updated_at"])}
 
 
-def plan_shards(cache_dir, data=None, backbone=None, seed=0) -> ShardPlan:
+def plan_shards(cache, data=None, backbone=None, seed=0) -> ShardPlan:
     """Read what the head needs without the paths or any vector: a :class:`ShardPlan`."""
     import h5py
 
     from featurize import cache as fc
 
-    cache_dir = Path(cache_dir)
+    cache = fc.Cache.of(cache)
     if data is not None:
-        ipath = fc.index_path(cache_dir, data)
+        ipath = fc.index_path(cache, data)
         if not ipath.exists():
-            fc.find_index(cache_dir, data)  # raises the usual message
+            fc.find_index(cache, data)  # raises the usual message
     else:
-        from featurize.layout import Cache
-
-        found = Cache(cache_dir).index_files()
+        found = cache.index_files()
         if not found:
-            fc.find_index(cache_dir, None)  # raises the usual message
+            fc.find_index(cache, None)  # raises the usual message
         ipath = max(found, key=lambda p: _index_attrs(p)["updated_at"])
     attrs = _index_attrs(ipath)
     index = fc.DatasetIndex(root=attrs["root"], layout=attrs["layout"], extractions=attrs["extractions"])
-    space = fc.resolve_space(cache_dir, index, backbone)
+    space = fc.resolve_space(cache, index, backbone)
     try:
         with h5py.File(ipath, "r") as f:
             hashes = f["hash"][()]
@@ -316,14 +314,14 @@ def _check_shards(space) -> None:
             space._stream_rows(p, lambda rows, start: None)  # raises UserError naming a damaged shard
 
 
-def fit_sgd_from_cache(cache_dir, data=None, backbone=None, class_weight=None, seed=0, log=None,
+def fit_sgd_from_cache(cache, data=None, backbone=None, class_weight=None, seed=0, log=None,
                        max_errors: int = 300) -> dict:
     """Fit the ``sgd`` head by streaming the shards; return estimator, metrics, the ``max_errors`` most
     confident mistakes and provenance."""
     from heads.metrics import compute_metrics
 
     t0 = time.perf_counter()
-    plan = plan_shards(cache_dir, data, backbone, seed)
+    plan = plan_shards(cache, data, backbone, seed)
     if len(plan.classes) < 2:
         raise UserError(f"the training rows of {plan.root} hold {len(plan.classes)} class(es); a classifier needs "
                         "at least 2 class folders")

@@ -115,7 +115,7 @@ def save_store(path: Path, store: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def dataset_hashes(cache_dir, root: str, paths, content_hashes, compute: bool = True):
+def dataset_hashes(cache, root: str, paths, content_hashes, compute: bool = True):
     """pHashes of a dataset's rows, computing only those not cached yet (none when ``compute`` is False).
 
     Takes the cache dir, the dataset root, the rows' root-relative paths and content hashes.
@@ -127,7 +127,7 @@ def dataset_hashes(cache_dir, root: str, paths, content_hashes, compute: bool = 
     from featurize.layout import Cache
 
     t0 = time.perf_counter()
-    store_path = Cache.of(cache_dir).pixelhash_path(VERSION)
+    store_path = Cache.of(cache).pixelhash_path(VERSION)
     store = load_store(store_path)
     out, has = np.zeros((len(paths), WORDS), np.uint64), np.zeros(len(paths), bool)
     todo = {h: os.path.join(root, rel) for rel, h in zip(paths, content_hashes) if h not in store} if compute else {}

@@ -20,18 +20,18 @@ from featurize.options import int_at_least
 Embed = Callable[[list], tuple]  # paths -> (X, ok_paths, [(path, reason)])
 
 
-def cached_vectors(cache_dir, space_id: str, paths: list[str]):
+def cached_vectors(cache, space_id: str, paths: list[str]):
     """Look files up in the cache by content hash.
 
     Returns ``(found {path: vector}, missing [paths], errors [(path, reason)])``.
     """
     hashes, errors = hash_files(paths)
-    found = FeatureSpace(cache_dir, space_id).vectors_for(hashes)
+    found = FeatureSpace(cache, space_id).vectors_for(hashes)
     missing = [p for p in hashes if p not in found]
     return found, missing, errors
 
 
-def predict_files(estimator, meta: dict, paths: list[str], cache_dir, embed: Embed | None = None, top_k: int = 3,
+def predict_files(estimator, meta: dict, paths: list[str], cache, embed: Embed | None = None, top_k: int = 3,
                   novelty=None):
     """Predict a label, its probability and the top-k classes for each file.
 
@@ -42,7 +42,7 @@ def predict_files(estimator, meta: dict, paths: list[str], cache_dir, embed: Emb
     the nearest training images, and ``unlike_training`` when a Novelty is given) and
     ``[(path, reason)]`` for files that could not be read or decoded. Never raises for a bad image.
     """
-    found, missing, errors = cached_vectors(cache_dir, meta["space_id"], paths)
+    found, missing, errors = cached_vectors(cache, meta["space_id"], paths)
     if missing and embed is not None:
         try:
             X_new, ok_new, err_new = embed(missing)

@@ -40,7 +40,7 @@ class LabelledFeatures:
     space_info: dict = field(default_factory=dict)
 
 
-def load_labelled(cache_dir, data=None, backbone=None) -> LabelledFeatures:
+def load_labelled(cache, data=None, backbone=None) -> LabelledFeatures:
     """Read the cached features of ``data`` (latest extracted dataset when None).
 
     Takes the cache dir, dataset folder and backbone (name or space id; latest when None);
@@ -49,10 +49,10 @@ def load_labelled(cache_dir, data=None, backbone=None) -> LabelledFeatures:
     """
     from featurize.cache import find_index, load_features, resolve_space
 
-    ipath, index = find_index(cache_dir, data)
-    space = resolve_space(cache_dir, index, backbone)
+    ipath, index = find_index(cache, data)
+    space = resolve_space(cache, index, backbone)
     check_fits_in_memory(index, space)
-    X, labels, splits, paths = load_features(cache_dir, index, space)
+    X, labels, splits, paths = load_features(cache, index, space)
     if len(X) == 0:
         raise UserError(f"no embedded images for {index.root} in space {space.space_id}; run `extract {index.root}`")
     keep = np.array([bool(lab) for lab in labels], dtype=bool)
@@ -205,60 +205,68 @@ def evaluate(head: str, X, y, splits=None, paths=None, *, class_weight=None, see
     if exclude.any():
         check_labels(y[~exclude], splits[~exclude], folds)  # what is left must still train every class
     t0 = time.perf_counter()
-    if has_split(splits):
-        train = (splits == "train") & ~exclude
-        classes = sorted(set(y[train]))
-        est = make_head(head, class_weight=class_weight, seed=seed, n_samples=int(train.sum()), n_jobs=n_jobs)
-        t = time.perf_counter()
-        with capped_threads(1):  # the search's own workers carry the parallelism
-            est.fit(X[train], y[train])
-        fit_s = time.perf_counter() - t
-        metrics, errors = {}, []
-        for part in ("val", "test"):
-            m = splits == part
-            if m.any():
-                pred, proba = est.predict(X[m]), _proba(est, X[m])
-                metrics[part] = compute_metrics(y[m], pred, proba, classes)
-                errors += _misclassified(paths[m], y[m], pred, proba, classes, part)
-        protocol, n_train = "split", int(train.sum())
-    else:
-        from sklearn.model_selection import StratifiedKFold
-
-        classes = sorted(set(y))
-        k = min(folds, int(np.unique(y, return_counts=True)[1].min()))
-        outer = [(tr[~exclude[tr]], te) for tr, te in StratifiedKFold(n_splits=k, shuffle=True,
-                                                                         random_state=seed).split(X, y)]
-        everything = np.flatnonzero(~exclude)
-        jobs = plan_jobs(n_jobs, k + 1, len(y))
-        inner_jobs = 1 if jobs > 1 else n_jobs  # no workers inside workers
-        # the k outer folds and the final head on all rows are independent: one task each
-        tasks = [(head, X, y, tr, te, class_weight, seed, inner_jobs) for tr, te in outer]
-        tasks.append((head, X, y, everything, None, class_weight, seed, inner_jobs))
-        bar = Progress(f"{head} ({k}-fold CV)", k + 1) if progress else None
-        done = (lambda i, _: bar.step(f"fold {i + 1}/{k} done" if i < k else "final head fit on all rows")) \
-            if bar else None
-        results = run_tasks(_fit_fold, tasks, jobs, done)
-        pred = np.empty(len(y), dtype=object)
-        proba = np.zeros((len(y), len(classes)))
-        fold_metrics = []
-        for (_, te), (_, p_te, pr_te, _) in zip(outer, results[:k]):
-            pred[te] = p_te
-            if pr_te is not None:  # a fold may miss no class (stratified), so columns match `classes`
-                proba[te] = pr_te
-            fold_metrics.append(compute_metrics(y[te], pred[te], pr_te, classes))
-        pred = pred.astype(str)
-        pooled = compute_metrics(y, pred, proba, classes)
-        pooled["mean"], pooled["std"] = summarize_folds(fold_metrics)
-        pooled["folds"] = k
-        metrics = {"cv": pooled}
-        errors = _misclassified(paths, y, pred, proba, classes, "cv")
-        est, _, _, fit_s = results[k]
-        protocol, n_train = f"cv-{k}", int(len(everything))
+    run = _evaluate_split if has_split(splits) else _evaluate_cv
+    est, classes, metrics, errors, protocol, n_train, fit_s = run(head, X, y, splits, paths, exclude, class_weight,
+                                                                   seed, folds, n_jobs, progress)
     return Evaluation(
         head=head, resolved=resolve_alias(head, n_train), protocol=protocol, metrics=metrics, estimator=est,
         classes=classes, fit_seconds=fit_s, eval_seconds=time.perf_counter() - t0,
         best_params=best_params(est), errors=errors, n_train=n_train,
     )
+
+
+def _evaluate_split(head, X, y, splits, paths, exclude, class_weight, seed, folds, n_jobs, progress):
+    """The split protocol: fit on train, score val and test."""
+    train = (splits == "train") & ~exclude
+    classes = sorted(set(y[train]))
+    est = make_head(head, class_weight=class_weight, seed=seed, n_samples=int(train.sum()), n_jobs=n_jobs)
+    t = time.perf_counter()
+    with capped_threads(1):  # the search's own workers carry the parallelism
+        est.fit(X[train], y[train])
+    fit_s = time.perf_counter() - t
+    metrics, errors = {}, []
+    for part in ("val", "test"):
+        m = splits == part
+        if m.any():
+            pred, proba = est.predict(X[m]), _proba(est, X[m])
+            metrics[part] = compute_metrics(y[m], pred, proba, classes)
+            errors += _misclassified(paths[m], y[m], pred, proba, classes, part)
+    return est, classes, metrics, errors, "split", int(train.sum()), fit_s
+
+
+def _evaluate_cv(head, X, y, splits, paths, exclude, class_weight, seed, folds, n_jobs, progress):
+    """Stratified k-fold CV (pooled out-of-fold predictions), then the final head fit on all rows."""
+    from sklearn.model_selection import StratifiedKFold
+
+    classes = sorted(set(y))
+    k = min(folds, int(np.unique(y, return_counts=True)[1].min()))
+    outer = [(tr[~exclude[tr]], te) for tr, te in StratifiedKFold(n_splits=k, shuffle=True,
+                                                                     random_state=seed).split(X, y)]
+    everything = np.flatnonzero(~exclude)
+    jobs = plan_jobs(n_jobs, k + 1, len(y))
+    inner_jobs = 1 if jobs > 1 else n_jobs  # no workers inside workers
+    # the k outer folds and the final head on all rows are independent: one task each
+    tasks = [(head, X, y, tr, te, class_weight, seed, inner_jobs) for tr, te in outer]
+    tasks.append((head, X, y, everything, None, class_weight, seed, inner_jobs))
+    bar = Progress(f"{head} ({k}-fold CV)", k + 1) if progress else None
+    done = (lambda i, _: bar.step(f"fold {i + 1}/{k} done" if i < k else "final head fit on all rows")) \
+        if bar else None
+    results = run_tasks(_fit_fold, tasks, jobs, done)
+    pred = np.empty(len(y), dtype=object)
+    proba = np.zeros((len(y), len(classes)))
+    fold_metrics = []
+    for (_, te), (_, p_te, pr_te, _) in zip(outer, results[:k]):
+        pred[te] = p_te
+        if pr_te is not None:  # a fold may miss no class (stratified), so columns match `classes`
+            proba[te] = pr_te
+        fold_metrics.append(compute_metrics(y[te], pred[te], pr_te, classes))
+    pred = pred.astype(str)
+    pooled = compute_metrics(y, pred, proba, classes)
+    pooled["mean"], pooled["std"] = summarize_folds(fold_metrics)
+    pooled["folds"] = k
+    est, _, _, fit_s = results[k]
+    return est, classes, {"cv": pooled}, _misclassified(paths, y, pred, proba, classes, "cv"), f"cv-{k}", \
+        int(len(everything)), fit_s
 
 
 def primary(metrics: dict) -> tuple[str, dict]:
@@ -269,8 +277,8 @@ def primary(metrics: dict) -> tuple[str, dict]:
     return "cv", metrics["cv"]["mean"]
 
 
-def head_path(cache_dir, index_path, space_id: str, head: str) -> Path:
+def head_path(cache, index_path, space_id: str, head: str) -> Path:
     """Default file for a fitted head: ``<cache>/heads/<dataset>/<space_id>/<head>.joblib``."""
     from featurize.layout import Cache
 
-    return Cache.of(cache_dir).head_path(index_path, space_id, head)
+    return Cache.of(cache).head_path(index_path, space_id, head)

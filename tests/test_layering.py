@@ -86,3 +86,38 @@ def test_layers():
         if path.name != "layout.py":
             text = path.read_text()
             assert not any(f'/ "{d}"' in text for d in ("datasets", "features", "engines", "heads", "reports")), path
+
+
+LAYOUT_NAMES = ("datasets", "features", "engines", "heads", "reports", "runs")
+
+
+def _path_builders(tree) -> list[str]:
+    """Layout folder names used to build a path: ``x / "heads"``, ``os.path.join(x, "heads")``,
+    ``Path(x, "heads")``, ``.joinpath("heads")``, ``f"{x}/heads/..."`` (a bare key or a docstring is fine)."""
+    found = []
+    for node in ast.walk(tree):
+        parts = []
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            parts = [node.left, node.right]
+        elif isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            parts = node.args if name in ("join", "joinpath", "Path", "PurePath") else []
+        elif isinstance(node, ast.JoinedStr):
+            text = "".join(v.value for v in node.values if isinstance(v, ast.Constant))
+            found += [d for d in LAYOUT_NAMES if f"/{d}/" in text or text.startswith(f"{d}/")]
+        found += [p.value for p in parts if isinstance(p, ast.Constant) and p.value in LAYOUT_NAMES]
+    return found
+
+
+def test_only_the_layout_builds_cache_paths():
+    """The ``Cache`` (featurize/layout.py) owns the cache's layout: no other module joins a layout
+    folder name onto a path (the check itself is checked on a line that does)."""
+    assert _path_builders(ast.parse('p = root / "heads"; q = os.path.join(c, "datasets"); r = f"{c}/runs/x"')) \
+        == ["heads", "datasets", "runs"]
+    offenders = {}
+    for path in [*(ROOT / "featurize").glob("*.py"), *(ROOT / "heads").glob("*.py"), ROOT / "cli.py"]:
+        if path.name != "layout.py":
+            found = _path_builders(ast.parse(path.read_text()))
+            if found:
+                offenders[path.name] = found
+    assert offenders == {}
