@@ -203,15 +203,7 @@ def plan_shards(cache, data=None, backbone=None, seed=0) -> ShardPlan:
     from featurize import cache as fc
 
     cache = fc.Cache.of(cache)
-    if data is not None:
-        ipath = fc.index_path(cache, data)
-        if not ipath.exists():
-            fc.find_index(cache, data)  # raises the usual message
-    else:
-        found = cache.index_files()
-        if not found:
-            fc.find_index(cache, None)  # raises the usual message
-        ipath = max(found, key=lambda p: _index_attrs(p)["updated_at"])
+    ipath = _index_file(cache, data)
     attrs = _index_attrs(ipath)
     index = fc.DatasetIndex(root=attrs["root"], layout=attrs["layout"], extractions=attrs["extractions"])
     space = fc.resolve_space(cache, index, backbone)
@@ -245,8 +237,32 @@ def plan_shards(cache, data=None, backbone=None, seed=0) -> ShardPlan:
     shard, row = np.concatenate(shard_of)[at] if len(at) else np.empty(0, np.int32), \
         np.concatenate(row_of)[at] if len(at) else np.empty(0, np.int64)
     y = np.array([b.decode() for b in labels], dtype=object)
+    part = _parts(splits, seed)
+    classes = sorted(set(y[part == 0].tolist()))
+    return ShardPlan(shards, shard, row, y, part, index_row, classes, ipath, attrs["root"], attrs["layout"], space,
+                     n_missing)
+
+
+def _index_file(cache, data):
+    """The index of ``data``, else of the latest extracted folder (``find_index`` words the errors)."""
+    from featurize import cache as fc
+
+    if data is not None:
+        ipath = cache.index_path(data)
+        if not ipath.exists():
+            fc.find_index(cache, data)  # raises the usual message
+        return ipath
+    found = cache.index_files()
+    if not found:
+        fc.find_index(cache, None)  # raises the usual message
+    return max(found, key=lambda p: _index_attrs(p)["updated_at"])
+
+
+def _parts(splits: np.ndarray, seed: int) -> np.ndarray:
+    """Each row's part: 0 train, 1 tune (drawn from train), 2 val, 3 test, 4 held out (no split
+    layout: a random fraction), -1 left out (another split)."""
     rng = np.random.default_rng(seed)
-    part = np.zeros(len(y), np.int8)
+    part = np.zeros(len(splits), np.int8)
     split_names = {b.decode() for b in np.unique(splits)} if len(splits) else set()
     if "train" in split_names and split_names & {"val", "validation", "valid", "test"}:
         part[:] = -1  # rows in other splits are left out
@@ -254,13 +270,11 @@ def plan_shards(cache, data=None, backbone=None, seed=0) -> ShardPlan:
         part[np.isin(splits, [b"val", b"valid", b"validation"])] = 2
         part[splits == b"test"] = 3
     else:
-        part[rng.random(len(y)) < HOLDOUT_FRACTION] = 4
+        part[rng.random(len(splits)) < HOLDOUT_FRACTION] = 4
     train = np.flatnonzero(part == 0)
     n_tune = min(TUNE_MAX, max(1, int(len(train) * TUNE_FRACTION)))
     part[rng.choice(train, size=min(n_tune, len(train)), replace=False)] = 1
-    classes = sorted(set(y[part == 0].tolist()))
-    return ShardPlan(shards, shard, row, y, part, index_row, classes, ipath, attrs["root"], attrs["layout"], space,
-                     n_missing)
+    return part
 
 
 class _ShardReader:
