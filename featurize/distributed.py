@@ -6,9 +6,9 @@ The driver (the ``extract`` process) scans, hashes, plans and writes exactly as 
     paths (driver) -> decode + resize tasks (any node) -> actor pool, one engine per actor
     (GPUs when asked) -> vectors streamed back -> the driver's ``ShardWriter`` -> index
 
-When the request has already run locally with OpenVINO (the per-user engine store holds its
-engine and record, ``featurize.fastpath``) and the workers are CPU workers, the torch-free
-variant runs: the driver never imports torch, and each actor decodes its block of paths in its
+When the request has already run with OpenVINO on CPUs (locally: the per-user engine store holds
+its engine and record, ``featurize.fastpath``; or as an earlier ``--ray`` run with CPU workers,
+which records it) and the workers are CPU workers, the torch-free variant runs: the driver never imports torch, and each actor decodes its block of paths in its
 own threads into the stored engine (a local torch-free run per block):
 
     paths (driver) -> actor pool (decode threads + stored OpenVINO engine) -> vectors -> writer
@@ -166,9 +166,13 @@ class RayPipeline:
         workers, nothing is built: neither the driver nor a worker whose node stores the engine imports
         torch, and each worker decodes in its own threads, as a local run (:class:`_StoredEmbedder`).
         """
+        from featurize.enginestore import request_key
+
         self.connect()
         asked = (device, precision)
         device, precision = self.resolve(device, precision)
+        # what a finished run with CPU workers records, so that the next one takes the stored path
+        self._ray_request = (request_key(backbone, weights, RAY_CPU_DEVICE, asked[1]), engine)
         lean = self._stored(cache, backbone, weights, *asked, engine) if device == "cpu" else None
         if lean is not None:
             rec = lean.record
@@ -201,13 +205,36 @@ class RayPipeline:
                      "space_id": space.space_id, "dim": bb.dim}
         return RayExtractor(bb, _WorkerEngine(engine), torch.device(device), precision, space, self)
 
-    @staticmethod
-    def _stored(cache, backbone, weights, device, precision, engine):
-        """The local torch-free extractor of this request (``fastpath.lean_extractor``), or None."""
-        from featurize import fastpath
-        from featurize.enginestore import request_key
+    def _stored(self, cache, backbone, weights, device, precision, engine):
+        """The torch-free extractor of this request, or None: from the record of a local run on this
+        machine (``fastpath.lean_extractor``: its engine is in this store), else from the record of an
+        earlier ``--ray`` run with CPU workers (each worker loads the engine from its node's store, or
+        converts it there once)."""
+        from featurize import enginestore, fastdecode, fastpath
 
-        return fastpath.lean_extractor(cache, request_key(backbone, weights, device, precision), engine)
+        lean = fastpath.lean_extractor(cache, enginestore.request_key(backbone, weights, device, precision), engine)
+        if lean is not None or engine not in fastpath.LEAN_ENGINES:
+            return lean
+        rec = enginestore.recall(*self._ray_request)
+        if rec is None or rec.get("engine") != "openvino" or rec.get("device") != "cpu" \
+                or not fastdecode.supports(rec["space"].get("preprocess", {})):
+            return None
+        space = fc.FeatureSpace(cache, rec["space_id"])
+        if space.held_engine() not in (None, "openvino"):  # auto keeps the engine a space holds (full path)
+            return None
+        if not space.exists():
+            space.create({k: v for k, v in rec["space"].items() if k not in ("space_id", "dim", "schema_version")},
+                         int(rec["dim"]))
+        return fastpath.LeanExtractor(space, rec, enginestore.engine_dir(rec["space_id"]), fastpath.cpu_cores())
+
+    def _remember(self, ex) -> None:
+        """After a complete run whose CPU workers built an OpenVINO engine: record the request, so
+        that the next ``--ray`` run of it takes the torch-free stored path (:meth:`_stored`)."""
+        from featurize import enginestore
+
+        enginestore.remember(self._ray_request[0], self._ray_request[1], {
+            "space_id": ex.space.space_id, "space": ex.space.info(), "engine": "openvino", "precision": ex.precision,
+            "device": "cpu", "backbone": ex.backbone.name, "dim": int(ex.backbone.dim)})
 
     def close(self) -> None:
         if self._started:
@@ -256,7 +283,7 @@ class RayPipeline:
                                 batch_format="numpy", compute=pool, num_gpus=self.gpus or None, num_cpus=1)
         t0, nodes, first, worker_model = time.perf_counter(), set(), 0.0, 0.0
         built, worker_load, wall0, calls = set(), 0.0, time.time(), {}  # calls: per actor, [ready, first, last]
-        claimed = None
+        claimed, devices = None, set()
         try:
             # prefetch_batches=0: Ray Data's prefetcher holds back that many finished blocks before handing
             # one over (a 1-2 s delay for every block here); the model workers run ahead regardless
@@ -277,6 +304,9 @@ class RayPipeline:
                 yield {"index": [int(i) for i in b["i"][ok]], "images": b["emb"][ok] if ok.any() else None,
                        "errors": [(int(i), str(r)) for i, r in zip(b["i"][~ok], b["error"][~ok])],
                        "decode_s": float(b["decode_s"].sum()), "waited": "model"}
+                devices.update(b["device"].tolist())
+            if not self.spec["stored"] and claimed == "openvino" and devices == {"cpu"}:
+                self._remember(ex)
         except Exception as e:
             if type(e).__name__ == "GetTimeoutError" and "starting actors" in str(e):
                 raise UserError(f"the Ray cluster did not start {self.actors} model workers within "
@@ -412,6 +442,9 @@ class _Embedder:
         model_s = time.perf_counter() - t
         return _result(self, batch["i"], emb, batch["error"], batch["decode_s"], model_s, call_at)
 
+
+#: the device of the request key a ``--ray`` run with CPU workers is recorded under (never a local run's)
+RAY_CPU_DEVICE = "ray-cpu"
 
 #: model calls per block (Ray batch) for the stored-engine workers, once the first blocks are back
 STORED_BLOCK_CALLS = 8

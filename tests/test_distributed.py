@@ -222,3 +222,16 @@ def test_a_request_the_engine_store_holds_runs_torch_free_with_the_local_rows_an
     worker = _StoredEmbedder(spec, 4)
     with pytest.raises(WorkerCannotRead, match="cannot read .*not-mounted"):
         worker({"i": np.arange(1), "path": np.array([str(tmp_path / "not-mounted" / "a.jpg")], dtype=object)})
+
+
+def test_a_ray_run_with_cpu_workers_makes_the_next_one_torch_free(address, tmp_path):
+    """A request never run locally: the first `--ray` run builds the backbone (torch) and its CPU
+    workers convert the engine; it records the request, and the next `--ray` run of it takes the
+    stored path (workers load the stored engine, decode in their threads) into the same space."""
+    pytest.importorskip("openvino")
+    kw = dict(FAST, engine="openvino", device="cpu")  # device=cpu: a request no other test runs locally
+    first = extract(make_dataset(tmp_path / "d1", per_class=3), tmp_path / "c", ray=address, **kw)
+    assert first["ray"]["worker_engines"] == ["backbone"] and first["engine"] == "openvino"
+    second = extract(make_dataset(tmp_path / "d2", per_class=3, seed=50), tmp_path / "c", ray=address, **kw)
+    assert second["ray"]["worker_engines"] == ["stored"] and second["space_id"] == first["space_id"]
+    assert (second["embedded"], second["ok"], second["engine"]) == (6, 6, "openvino")
