@@ -191,7 +191,8 @@ print(json.dumps({"summary": s, "heavy": heavy}))
 """
 
 
-def test_a_request_the_engine_store_holds_runs_torch_free_with_the_local_rows_and_vectors(address, tmp_path):
+def test_a_request_the_engine_store_holds_runs_torch_free_with_the_local_rows_and_vectors(address, tmp_path,
+                                                                                          monkeypatch):
     """After a local OpenVINO run, `--ray` of that request imports no torch on the driver, and its CPU
     workers decode in their own threads into the stored engine: the rows and vectors of the local
     torch-free run of the same request, bad files recorded with the local reasons."""
@@ -222,6 +223,14 @@ def test_a_request_the_engine_store_holds_runs_torch_free_with_the_local_rows_an
     worker = _StoredEmbedder(spec, 4)
     with pytest.raises(WorkerCannotRead, match="cannot read .*not-mounted"):
         worker({"i": np.arange(1), "path": np.array([str(tmp_path / "not-mounted" / "a.jpg")], dtype=object)})
+    # a worker whose node's store lacks the engine converts it (torch, checked against the space), same vectors
+    monkeypatch.setenv("FEATURIZE_ENGINES", str(tmp_path / "empty-store"))
+    worker = _StoredEmbedder({**spec, "backbone": "tiny", "weights": None, "device": "cpu", "engine": "openvino"}, 4)
+    paths = sorted(str(p) for p in (d / "b").glob("*.jpg"))[:3]
+    out = worker({"i": np.arange(3), "path": np.array(paths, dtype=object)})
+    want, _ = vectors(tmp_path / "local", d)
+    assert worker.built == "converted" and list(out["error"]) == ["", "", ""]
+    np.testing.assert_allclose(out["emb"], [want[os.path.relpath(p, d)] for p in paths], rtol=1e-4, atol=1e-5)
 
 
 def test_a_ray_run_with_cpu_workers_makes_the_next_one_torch_free(address, tmp_path):
