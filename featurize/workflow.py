@@ -81,16 +81,18 @@ def _predict_with_run(inputs, run_dir, top_k, fmt, batch_size, device) -> dict:
 # --------------------------------------------------------------------------- demo
 
 
-def demo(cache, out="data/digits", head: str = "logreg", progress: bool = True) -> dict:
+def demo(cache, out="data/digits", head: str = "logreg", progress: bool = True,
+         backbone: str = "efficientnet_lite0") -> dict:
     """The offline demo: write scikit-learn's digits as PNGs under ``out``, extract them with the
-    offline default backbone and fit ``head``; prints as ``extract`` and ``fit`` do."""
+    offline default backbone (``backbone``: tests use ``tiny``) and fit ``head``; prints as
+    ``extract`` and ``fit`` do."""
     from featurize.demo import write_digits
     from featurize.extraction import extract, format_summary
     from heads.commands import run_fit
 
     folder = write_digits(out)
     print(f"wrote scikit-learn's 1,797 handwritten digits to {folder}/<digit>/*.png")
-    summary = extract(str(folder), cache=Cache.of(cache), backbone="efficientnet_lite0", progress=progress)
+    summary = extract(str(folder), Cache.of(cache), backbone=backbone, progress=progress)
     print(format_summary(summary))
     return {"extract": summary, "fit": run_fit(Cache.of(cache), head=head, data=str(folder))}
 
