@@ -6,6 +6,7 @@ sidecars, never the vectors and never a pickled head, so it answers in well unde
 
 from __future__ import annotations
 
+import glob
 import json
 import time
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import h5py
 
 from featurize import cache as fc
+from featurize.enginestore import is_complete
 from featurize.errors import UserError
+from featurize.layout import engine_store_dir
 
 
 def _bytes(path: Path) -> int:
@@ -47,7 +50,8 @@ def describe_cache(cache) -> dict:
     Takes the cache folder. Returns ``{"cache", "bytes", "datasets", "spaces", "heads",
     "engines"}``: each dataset with its image counts and per-space extraction summaries, each
     feature space with its backbone, width, vector and shard counts and bytes (and which
-    datasets use it), each saved head with its held-out accuracy, each converted engine.
+    datasets use it), each saved head with its held-out accuracy, each converted engine of those
+    spaces (in the per-user engine store, ``engine_store``).
     Raises ``UserError`` when the folder does not exist or holds something else than a
     featurize cache (an empty folder is an empty cache).
     """
@@ -59,10 +63,23 @@ def describe_cache(cache) -> dict:
         raise UserError(f"{root} is not a featurize cache (no datasets/ or features/ folder); pass --cache DIR "
                         "with the folder `extract` wrote to")
     datasets = _datasets(cache)
+    spaces = _spaces(cache, datasets)
     return {"cache": str(root.resolve()), "bytes": _bytes(root),
             "default_dataset": datasets[0]["root"] if datasets else None, "datasets": datasets,
-            "spaces": _spaces(cache, datasets), "heads": _heads(cache),
-            "engines": [{"path": str(p), "bytes": _bytes(p)} for p in cache.engine_folders()]}
+            "spaces": spaces, "heads": _heads(cache), "engine_store": str(engine_store_dir()),
+            "engines": _engines(spaces)}
+
+
+def _engines(spaces: list[dict]) -> list[dict]:
+    # Converted engines live once per user in the engine store, shared by every cache, so the
+    # cache's own folder holds none: list the store's engines of this cache's feature spaces.
+    out = []
+    for s in spaces:
+        for folder in sorted(engine_store_dir().glob(f"{glob.escape(s['space_id'])}-openvino-*/")):
+            if is_complete(folder):
+                out.append({"path": str(folder), "bytes": _bytes(folder), "space_id": s["space_id"],
+                            "engine": "openvino"})
+    return out
 
 
 def _datasets(cache: fc.Cache) -> list[dict]:
@@ -149,7 +166,8 @@ def format_inventory(inv: dict) -> str:
     for h in inv["heads"]:
         acc = f"accuracy {h['accuracy']:.3f} ({h['scored_on']})" if h["accuracy"] is not None else "no metrics"
         out.append(f"  {h['path']}  {acc}")
-    out.append(f"converted engines ({len(inv['engines'])}):")
+    out.append(f"converted engines ({len(inv['engines'])}, in the engine store {inv['engine_store']}, shared by "
+               "every cache):")
     for e in inv["engines"]:
         out.append(f"  {e['path']}  {_size(e['bytes'])}")
     if not inv["datasets"] and not inv["spaces"]:

@@ -119,17 +119,6 @@ class Cache(os.PathLike):
     def space_folders(self) -> list[Path]:
         return sorted(p for p in self.features_dir.glob("*/"))
 
-    # converted engines
-    @property
-    def engines_dir(self) -> Path:
-        return self.root / "engines"
-
-    def engine_folder(self, space_id: str, engine: str) -> Path:
-        return self.engines_dir / f"{space_id}-{engine}"
-
-    def engine_folders(self) -> list[Path]:
-        return sorted(self.engines_dir.glob("*/"))
-
     # heads
     @property
     def heads_dir(self) -> Path:

@@ -112,3 +112,25 @@ def test_cache_scores_heads_by_the_same_rule_as_compare():
     for metrics in (cv, val, test, {**cv, **val}, {**val, **test}, {**cv, **val, **test}):
         part, scalars = primary(metrics)
         assert _held_out_accuracy(metrics) == (part, scalars["accuracy"]), metrics
+
+
+def test_cache_lists_the_converted_engines_of_its_spaces(tmp_path):
+    # Engines are kept in the per-user engine store, not in the cache: `cache` lists the store's
+    # engines of the cache's own spaces (it listed a cache/engines/ folder nothing writes any more).
+    from conftest import make_dataset
+
+    store = tmp_path / "store"
+    env = {"FEATURIZE_ENGINES": str(store), "FEATURIZE_HOME": str(tmp_path / "home")}
+    data = make_dataset(tmp_path / "d", per_class=2)
+    ex = last_json(run_cli("extract", data, "--cache", tmp_path / "c", "--backbone", "tiny", "--engine", "openvino",
+                           "--precision", "fp32", "--workers", "0", "--json", env=env, check=0))
+    other = tmp_path / "c2"
+    # another space (bf16, PyTorch): the store's fp32 engine is not its engine
+    run_cli("extract", data, "--cache", other, "--backbone", "tiny", "--engine", "torch", "--precision", "bf16",
+            "--workers", "0", "--json", env=env, check=0)
+    p = run_cli("cache", "--cache", tmp_path / "c", "--json", env=env, check=0)
+    [engine] = last_json(p)["engines"]
+    assert engine["space_id"] == ex["space_id"] and engine["bytes"] > 0
+    assert engine["path"].startswith(str(store / ex["space_id"])) and (store / engine["path"]).is_dir()
+    assert f"converted engines (1, in the engine store {store}" in p.stdout
+    assert last_json(run_cli("cache", "--cache", other, "--json", env=env, check=0))["engines"] == []
