@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import io
 import json
@@ -305,13 +306,22 @@ def _timm_cached_weights(name: str) -> dict | None:
     return None
 
 
+def _closest_timm(name: str, models: list[str]) -> str:
+    # Nearest by spelling first (a typo is one edit from the intended name); the prefix listing
+    # (an alphabetical slice) is the fallback for a name too far from any.
+    close = difflib.get_close_matches(name, models, n=5, cutoff=0.75)
+    if close:
+        return f"did you mean {close[0]!r}? also close: {', '.join(close[1:]) or 'none'}"
+    similar = [m for m in models if name[:6] in m][:8]
+    return f"similar: {', '.join(similar) or 'none'}; `timm.list_models('*PATTERN*')` lists them all"
+
+
 def _timm(name: str, weights: str | None, pretrained: bool) -> Backbone:
     import timm
     from timm.data import resolve_data_config
 
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-        raise UserError(f"timm has no model {name!r}; similar: {', '.join(close) or 'none'}")
+        raise UserError(f"timm has no model {name!r}; {_closest_timm(name.split('.')[0], timm.list_models())}")
     overlay = _timm_cached_weights(name) if pretrained and not weights else None
     try:
         model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0,

@@ -65,6 +65,15 @@ def test_unknown_backbone_lists_valid_names():
         assert name in str(e.value)
 
 
+def test_unknown_timm_model_suggests_the_nearest_name():
+    # A one-letter typo must name the intended model first, not an alphabetical slice of the family
+    # (it said "similar: convnext_atto, convnext_atto_ols, ..." without convnext_tiny).
+    with pytest.raises(UserError, match=r"timm has no model 'convnext_tinyy'; did you mean 'convnext_tiny'\?"):
+        get_backbone("timm:convnext_tinyy")
+    with pytest.raises(UserError, match=r"'zzqq_no_such_net'; similar: none"):
+        get_backbone("timm:zzqq_no_such_net")
+
+
 def test_missing_torchvision_weights_offline_names_the_file(tmp_path, dataset):
     if os.environ.get("FEATURIZE_ONLINE"):
         pytest.skip("online: the weights would download")
