@@ -160,7 +160,7 @@ def list_backbones() -> list[dict]:
 
 def unknown_backbone(name: str) -> UserError:
     """The error for a name that is not a backbone, with the closest name when there is one."""
-    close = difflib.get_close_matches(name, list(_INFO), n=1)
+    close = difflib.get_close_matches(name.lower(), list(_INFO), n=1)  # names are lower case: ResNet50 -> resnet50
     hint = f"did you mean {close[0]!r}? " if close else ""
     return UserError(f"unknown backbone {name!r}; {hint}valid: {', '.join(backbone_names())}, timm:<name>, "
                      "any of them with @SIZE (whole image at SIZE px), or a fine-tuning run folder")

@@ -61,7 +61,7 @@ def check_head_name(name: str) -> str:
     """Return ``name`` if registered; raises ``UserError`` listing the valid names otherwise."""
     if name in _REGISTRY:
         return name
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=1)  # names are lower case: SVM -> svm
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise UserError(f"unknown head {name!r}; {hint}valid heads: {', '.join(_REGISTRY)}")
 

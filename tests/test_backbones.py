@@ -63,6 +63,8 @@ def test_unknown_backbone_lists_valid_names():
         get_backbone("resnet5O")
     for name in backbone_names():
         assert name in str(e.value)
+    with pytest.raises(UserError, match=r"unknown backbone 'VGG16'; did you mean 'vgg16'\?"):
+        get_backbone("VGG16")
 
 
 def test_unknown_timm_model_suggests_the_nearest_name():

@@ -31,6 +31,8 @@ def test_every_head_learns_blobs(name):
 def test_unknown_head_lists_valid_names():
     with pytest.raises(UserError, match=r"unknown head 'svn'; did you mean 'svm'\?.*logreg.*centroid"):
         make_head("svn")
+    with pytest.raises(UserError, match=r"unknown head 'SVM'; did you mean 'svm'\?"):  # names are lower case
+        make_head("SVM")
 
 
 def test_svm_kernel_sized_to_data():
