@@ -9,6 +9,7 @@ tracebacks). Torch-free: ``heads`` and ``fit`` use it too. The option names are 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from featurize.errors import UserError
@@ -109,3 +110,11 @@ def check_out_file(path, option: str = "--out") -> Path:
         raise UserError(f"{option} {path} is a folder; pass a file path (e.g. {path}/head.joblib)")
     check_out_dir(path.parent, option)
     return path
+
+
+def command_prefix(argv0: str | None = None) -> list[str]:
+    """The start of a command line the user can paste: ``python PATH/cli.py`` when they ran the
+    script (PATH as they typed it), else ``featurize``, the console script (what a pip install has,
+    and what the Python API's callers have on their path)."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    return ["python", argv0] if os.path.basename(argv0) == "cli.py" else ["featurize"]

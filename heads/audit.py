@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from featurize.errors import UserError
+from featurize.options import command_prefix
 from heads.audit_html import dup_rule_text  # the summary line and the gallery state the rule alike
 
 DUP_THRESHOLD = 0.85  # cosine on power-normalised, centred embeddings; calibration in benchmarks/RESULTS_audit.md
@@ -565,7 +566,7 @@ def audit_to_files(cache, data=None, backbone=None, head="logreg", *, class_weig
     summary["near_duplicates"] = {k: v for k, v in result["near_duplicates"].items() if k != "groups"}
     summary.update(n_flagged_images=len({r["path"] for r in result["rows"]}), paths=paths, refit_command=None)
     if result["rows"]:  # the command that refits without them, on the same data, backbone and cache
-        argv = ["python", "cli.py", "fit", "--head", head, "--data", result["dataset"], "--backbone",
+        argv = [*command_prefix(), "fit", "--head", head, "--data", result["dataset"], "--backbone",
                 result["backbone"], "--cache", str(cache), "--exclude", paths["csv"]]
         summary["refit_command"] = " ".join(map(shlex.quote, argv))
     return result, summary

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from featurize.errors import UserError
 from featurize.layout import Cache
-from featurize.options import check_out_dir, check_out_file, int_at_least
+from featurize.options import check_out_dir, check_out_file, command_prefix, int_at_least
 from heads.audit import exclusion, warn_leaks
 from heads.metrics import format_metrics
 from heads.predict import check_top_k
@@ -189,7 +189,7 @@ def run_compare(cache, data=None, heads=None, backbones=None, out=None, class_we
         best = result["rows"][0]
         same_name = {r["space_id"] for r in result["rows"] if r["backbone"] == best["backbone"]}
         which = best["backbone"] if len(same_name) == 1 else best["space_id"]
-        argv = ["python", "cli.py", "fit", "--head", best["head"], "--backbone", which, "--data", result["dataset"],
+        argv = [*command_prefix(), "fit", "--head", best["head"], "--backbone", which, "--data", result["dataset"],
                 "--cache", str(cache), "--seed", str(seed), "--folds", str(folds)]
         if class_weight:
             argv += ["--class-weight", class_weight]

@@ -125,7 +125,7 @@ def test_exclude_in_cv_scores_every_image_and_audit_csv_is_accepted(tmp_path, en
     cache, root, roles = planted(tmp_path)
     audit = last_json(run_cli("audit", "--cache", cache, "--head", "centroid", "--json", env=env, check=0))
     argv = shlex.split(audit["refit_command"])  # what audit prints last: same data, backbone and cache
-    assert argv[:3] == ["python", "cli.py", "fit"] and argv[-2:] == ["--exclude", audit["paths"]["csv"]]
+    assert argv[:3] == ["python", str(ROOT / "cli.py"), "fit"] and argv[-2:] == ["--exclude", audit["paths"]["csv"]]
     p = run_cli(*argv[2:], "--json", env=env, check=0)
     out = last_json(p)
     n_flagged = audit["n_flagged_images"]
@@ -199,6 +199,8 @@ def test_python_api_audit_then_fit_without_the_flagged_images(tmp_path, monkeypa
     assert (found.label_issues, found.near_duplicate_groups) == (1, 1) and found.outliers >= 1
     assert {(r["issue"], r["path"]) for r in found.rows} >= {("label", roles["flipped"]), ("outlier", roles["outlier"])}
     assert Path(found.paths["csv"]).is_file() and found.to_dict()["refit_command"].endswith(found.paths["csv"])
+    # not run as cli.py: the printed command is the console script's (a pip install has no cli.py)
+    assert shlex.split(found.to_dict()["refit_command"])[:2] == ["featurize", "fit"]
     fit = fz.fit(root, head="centroid", cache=cache, exclude=found.paths["csv"])
     assert fit.summary["exclude"]["excluded"] == len({r["path"] for r in found.rows}) and fit.summary["n_train"] < 44
     with pytest.raises(fz.UserError, match=r"^dup_threshold must be in \(0.0, 1.0\]"):  # worded for Python

@@ -69,7 +69,7 @@ def test_compare_every_head_every_backbone(tmp_path, env):
     lines = p.stdout.strip().splitlines()  # the JSON object, then the command, then "best: ..."
     assert lines[-3].startswith("best: ")
     argv = shlex.split(lines[-2])
-    assert argv[:3] == ["python", "cli.py", "fit"]
+    assert argv[:3] == ["python", str(ROOT / "cli.py"), "fit"]
     fit = last_json(run_cli(*argv[2:], "--json", env=env, check=0))
     assert (fit["head"], fit["backbone"]) == (rows[0]["head"], rows[0]["backbone"])
     assert fit["metrics"]["cv"]["mean"]["accuracy"] == rows[0]["accuracy"] and fit["metrics"]["cv"]["folds"] == 4
