@@ -288,6 +288,9 @@ def add_finetune(sub) -> None:
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent warming up")
     p.add_argument("--batch-size", type=int, default=32, help="images per optimiser step")
     p.add_argument("--patience", type=int, default=3, help="early stopping: epochs without a better val score")
+    p.add_argument("--keep", choices=["best", "last"], default="best",
+                   help="best: the epoch with the best val score, epoch 0 (the probe) included; last: the last "
+                        "epoch, when val does not look like the data to predict (default: best)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="stratified hold-out when there is no val split")
     p.add_argument("--max-train", type=int, default=None, help="train on a stratified subset of this many images")
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps per epoch (smoke tests)")
@@ -309,7 +312,7 @@ def cmd_finetune(args) -> dict:
     summary = finetune(
         _cache(args), args.data, args.backbone, probe=args.probe, out=args.out, resume=args.resume, trust=args.trust,
         epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-        batch_size=args.batch_size, unfreeze=args.unfreeze, train_bn=args.train_bn, patience=args.patience,
+        batch_size=args.batch_size, unfreeze=args.unfreeze, train_bn=args.train_bn, patience=args.patience, keep=args.keep,
         seed=args.seed, init=args.init, val_fraction=args.val_fraction, max_train=args.max_train,
         max_steps=args.max_steps, device=args.device, precision=args.precision, workers=args.workers,
         class_weight=args.class_weight or "keep")

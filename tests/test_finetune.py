@@ -326,3 +326,20 @@ def test_kill9_mid_training_then_resume_equals_uninterrupted(env, tmp_path, sig)
     a, b = _state(clean), _state(killed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_keep_last_keeps_the_last_epoch_where_val_prefers_another(env):
+    """--keep last: the kept model is the last epoch's, whatever the val score says (a val set drawn
+    from the training distribution could not see chest X-ray's shifted test split)."""
+    from safetensors.torch import load_file
+
+    _, best = _run(env, "keep-best", lr=3.0)  # a destructive step: val prefers an earlier epoch
+    run, last = _run(env, "keep-last", lr=3.0, keep="last")
+    assert best["best_epoch"] < 2 and last["best_epoch"] == 2
+    assert [h["val_accuracy"] for h in best["history"]] == [h["val_accuracy"] for h in last["history"]]
+    meta = json.loads((run / "featurize_run.json").read_text())
+    kept = load_file(str(run / meta["backbone_weights"]))
+    final = {k[len("backbone."):]: v for k, v in _state(run).items() if k.startswith("backbone.")}
+    assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)
+    with pytest.raises(UserError, match="--keep 'first'"):
+        ft.FinetuneConfig(keep="first")
