@@ -208,7 +208,9 @@ def _torchvision(name: str, head_path: str, weights: str | None, pretrained: boo
     elif pretrained:
         chatter = io.StringIO()
         try:
-            with contextlib.redirect_stderr(chatter):  # torch hub's "Downloading: ..." line
+            # torch hub's "Downloading: ..." line goes to stdout (it would come before the one Error: line
+            # and before --json's last line); its errors to stderr
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 sd = enum.get_state_dict(progress=False, check_hash=True)
         except Exception as e:
             target = _hub_file(enum.url)
@@ -379,6 +381,12 @@ def whole_image(bb: Backbone, size: int) -> Backbone:
     return bb
 
 
+def _weights_here(name: str) -> bool:
+    """Whether a declared backbone's pretrained weights are on this machine (timm's: not known, False)."""
+    info = registry.backbone_info(name)
+    return info is not None and bool(info.offline())
+
+
 def backbone_names() -> list[str]:
     return sorted(_BUILDERS)
 
@@ -394,6 +402,9 @@ def get_backbone(name: str, weights: str | None = None, pretrained: bool = True)
         return _run_folder(name)
     base, size = registry.split_size(name)
     if size is not None:
+        if pretrained and weights is None and not _weights_here(base):
+            # refuse a size the architecture cannot take before downloading its weights (ViT-B/16: 330 MB)
+            whole_image(get_backbone(base, pretrained=False), size)
         return whole_image(get_backbone(base, weights, pretrained), size)
     if name.startswith("timm:"):
         return _timm(name[5:], weights, pretrained)

@@ -84,6 +84,7 @@ def test_missing_torchvision_weights_offline_names_the_file(tmp_path, dataset):
     assert p.returncode == 1
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr  # torch hub's own "Downloading: ..." line is kept out
+    assert "Downloading" not in p.stdout  # (torch hub writes it to stdout)
     last = lines[-1]
     assert last.startswith("Error: ") and "resnet18-f37072fd.pth" in last and str(tmp_path / "th") in last
 
@@ -336,6 +337,13 @@ def test_size_variant_is_known_to_the_torch_free_registry_and_engine_store():
     # the engine store's request key covers the packaged weights file of the base (a reinstall is noticed)
     files = request_key("efficientnet_lite0@224", None, "cpu", "bf16")["files"]
     assert any(PACKAGED_WEIGHTS["efficientnet_lite0"].filename in f for f in files)
+
+
+def test_size_variant_refuses_a_fixed_size_model_before_fetching_its_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))  # no weights here: they would be downloaded
+    with pytest.raises(UserError, match="vit_b_16 does not take 320 px inputs"):
+        get_backbone("vit_b_16@320")
+    assert not (tmp_path / "th").exists()
 
 
 def test_size_variant_refuses_a_fixed_size_model():
