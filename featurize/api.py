@@ -298,7 +298,8 @@ def load_head(path, cache=None, *, trust: bool = False):
     """Load a head written by ``fit`` (or a fine-tuning run folder); returns a :class:`Head`.
 
     The cache defaults to the one the head file sits in (``<cache>/heads/...``), else
-    ``$FEATURIZE_CACHE`` or ``./cache``. Heads are pickles: a file this tool did not write is
+    ``$FEATURIZE_CACHE`` or ``./cache``, else (when that one lacks the head's feature space) the
+    cache the head was fit in. Heads are pickles: a file this tool did not write is
     refused unless ``trust=True`` (only for files from a source you trust).
     """
     from featurize.registry import is_run_folder
@@ -310,5 +311,13 @@ def load_head(path, cache=None, *, trust: bool = False):
     estimator, meta = load(path, trust=trust)
     from featurize.layout import Cache
 
-    home = Cache(cache) if cache is not None else Cache.of_head(path) or Cache()
+    if cache is not None:
+        return Head(estimator, meta, path, Cache(cache).root)
+    from heads.store import cache_for_head
+
+    home = Cache.of_head(path) or Cache()
+    try:
+        home, _ = cache_for_head(home, meta)  # else the cache it was fit in
+    except UserError:  # neither: a feature matrix still predicts; files fail when embedded
+        pass
     return Head(estimator, meta, path, home.root)

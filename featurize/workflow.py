@@ -43,7 +43,7 @@ def predict(cache, inputs: list[str], head: str = "logreg", model=None, data=Non
 
     cache = Cache.of(cache)
 
-    def embed(space_id: str, paths: list[str]):
+    def embed(space_id: str, paths: list[str], cache):  # the cache that holds the head's space
         from featurize.extraction import embed_paths  # torch: only for files not embedded yet
 
         return embed_paths(paths, space_id, cache, batch_size=batch_size, device=device)

@@ -22,7 +22,7 @@ from heads.metrics import format_metrics
 from heads.predict import check_top_k
 from heads.protocol import check_eval_options, evaluate, head_path, load_labelled
 from heads.registry import check_head_name, describe_heads
-from heads.store import check_space, load_head, read_trusted_meta, save_head
+from heads.store import cache_for_head, check_space, load_head, read_trusted_meta, save_head
 
 
 @dataclass
@@ -237,7 +237,10 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 def run_predict(cache, inputs, head="logreg", model=None, data=None, backbone=None, top_k=3, fmt="table",
                 trust=False, embed=None) -> dict:
-    """Classify files/folders; prints rows to stdout (table/csv/json) and bad files to stderr."""
+    """Classify files/folders; prints rows to stdout (table/csv/json) and bad files to stderr.
+
+    ``embed(space_id, paths, cache)`` embeds files not cached yet (in the cache that holds the head's
+    space: ``cache``, else the one the head was fit in)."""
     from heads.predict import format_rows, predict_files
 
     t0 = time.perf_counter()
@@ -252,11 +255,15 @@ def run_predict(cache, inputs, head="logreg", model=None, data=None, backbone=No
     # which head answers matters: without --model it is the one fit on the latest extracted dataset
     print(f"using head {meta.get('head')} ({path}): fit on {meta.get('dataset', '?')} with backbone "
           f"{meta.get('backbone', '?')} (space {sid})", file=sys.stderr)
+    cache, moved = cache_for_head(cache, meta)
+    if moved:
+        print(f"using the cache {cache.root}, where the head was fit (the one given has no vectors of its space)",
+              file=sys.stderr)
     from heads.audit import novelty_for
 
     novelty = novelty_for(cache, meta)  # None when the cache no longer holds the training rows
     rows, bad = predict_files(estimator, meta, files, cache,
-                              embed=(lambda paths: embed(sid, paths)) if embed else None, top_k=top_k, novelty=novelty)
+                              embed=(lambda paths: embed(sid, paths, cache)) if embed else None, top_k=top_k, novelty=novelty)
     n_inputs = len(files) + len(errors)  # files found + paths that do not exist
     errors += bad
     for p, reason in errors:

@@ -178,3 +178,26 @@ def load_head(path, expect_space: str | None = None, expect_backbone: str | None
     if expect_space is not None:
         check_space(meta, expect_space, expect_backbone, path)
     return obj["estimator"], meta
+
+
+def cache_for_head(cache, meta: dict):
+    """The cache whose feature space embeds a head's inputs: ``cache`` when it holds the head's
+    space, else the cache the head was fit in (its sidecar names its dataset index there) when that
+    one does, so ``fit --out models/h.joblib --cache DIR`` then ``predict --model models/h.joblib``
+    works without repeating ``--cache``. Returns ``(cache, moved)``; raises ``UserError`` when
+    neither holds the space (new images could not be embedded)."""
+    from featurize.cache import FeatureSpace
+    from featurize.layout import Cache
+
+    cache = Cache.of(cache)
+    sid = meta["space_id"]
+    if FeatureSpace(cache, sid).exists():
+        return cache, False
+    if meta.get("index_path"):
+        home = Cache.of_index(meta["index_path"])
+        if FeatureSpace(home, sid).exists():
+            return home, True
+    backbone = meta.get("backbone", "?")
+    raise UserError(f"the cache {cache.root} has no feature space {sid}, which this head embeds with (backbone "
+                    f"{backbone}), nor has the cache it was fit in; pass --cache with the folder the head was fit "
+                    f"with, or run `extract DATA --backbone {backbone} --cache {cache.root}` first")

@@ -107,6 +107,29 @@ def test_predict_files_folders_csv_and_bad_files(split_cache, tmp_path, env):
     assert out["error"].startswith("none of the 2 inputs") and len(out["errors"]) == 2
 
 
+def test_predict_with_a_head_saved_elsewhere_finds_the_cache_it_was_fit_in(tmp_path, env, monkeypatch):
+    # fit --out models/h.joblib --cache DIR, then predict --model models/h.joblib without --cache: every
+    # image was "skipped ... run `extract` first", then "pass readable image files"
+    import featurize as fz
+    from conftest import make_dataset, make_image
+
+    for k, v in env.items():  # $FEATURIZE_CACHE: a folder that does not exist
+        monkeypatch.setenv(k, v)
+    cache, model = tmp_path / "c", tmp_path / "models" / "h.joblib"
+    fz.extract(make_dataset(tmp_path / "data", per_class=4), backbone="tiny", cache=cache, workers=0, progress=False)
+    fz.fit(tmp_path / "data", head="centroid", cache=cache, out=model)
+    new = make_image(tmp_path / "new.png", seed=99, color=(250, 10, 10))  # not cached: embedded with tiny
+    p = run_cli("predict", new, "--model", model, "--json", env=env, check=0)
+    [row] = last_json(p)["predictions"]
+    assert row["path"] == str(new) and row["label"] in ("cat", "dog")
+    assert f"using the cache {cache}, where the head was fit" in p.stderr
+    assert fz.load_head(model).predict([new]).tolist() == [row["label"]]  # the Python API alike
+    cache.rename(tmp_path / "moved")  # neither cache holds the head's space: one line naming --cache
+    p = run_cli("predict", new, "--model", model, env=env, check=1)
+    assert p.stderr.splitlines()[-1].startswith(f"Error: the cache {tmp_path / 'nocache'} has no feature space tiny-")
+    assert "pass --cache" in p.stderr.splitlines()[-1]
+
+
 def test_predict_refuses_other_backbone_and_foreign_files(split_cache, tmp_path, env):
     out = last_json(run_cli("fit", "--head", "knn", "--cache", split_cache, "--json", env=env, check=0))
     img = tmp_path / "data" / "test" / "cat" / "img0014.png"
