@@ -41,6 +41,16 @@ def _api(fn):
     return wrapper
 
 
+def _plain(x):
+    """``x`` with numpy strings (class names and paths read from HDF5) as ``str``: results print as
+    ``{'daisy': ...}`` in a notebook, not ``{np.str_('daisy'): ...}``."""
+    if isinstance(x, dict):
+        return {_plain(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(v) for v in x)
+    return str(x) if isinstance(x, str) and type(x) is not str else x
+
+
 def _cache_of(cache):
     from featurize.layout import Cache
 
@@ -184,7 +194,8 @@ def fit(data=None, head: str = "logreg", cache=None, *, backbone: str | None = N
 
     o = fit_head(_cache_of(cache), head, data, backbone, out, class_weight, seed, folds, n_jobs, exclude)
     s = o.summary
-    return Fit(s["head"], s["paths"]["model"], s["space_id"], [str(c) for c in s["classes"]], s["metrics"], s)
+    s = _plain(s)
+    return Fit(s["head"], s["paths"]["model"], s["space_id"], s["classes"], s["metrics"], s)
 
 
 @dataclass(frozen=True)
@@ -214,7 +225,8 @@ def audit(data=None, cache=None, *, backbone: str | None = None, head: str = "lo
     result, s = audit_to_files(_cache_of(cache), data, backbone, head, class_weight=class_weight, seed=seed,
                                folds=folds, n_jobs=n_jobs, out=out, html=html,
                                threshold=DUP_THRESHOLD if dup_threshold is None else dup_threshold)
-    return Audit(s["label_issues"]["n"], s["near_duplicates"]["n_groups"], s["outliers"]["n"], result["rows"],
+    s = _plain(s)
+    return Audit(s["label_issues"]["n"], s["near_duplicates"]["n_groups"], s["outliers"]["n"], _plain(result["rows"]),
                  s["paths"], s)
 
 

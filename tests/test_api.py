@@ -143,6 +143,7 @@ def test_fit_and_load_head_predict_files_features_and_new_images(env, tmp_path, 
     fz = env["fz"]
     fit = fz.fit(env["data"], head="centroid", cache=env["cache"])
     assert fit.classes == ["a", "b"] and Path(fit.path).is_file() and "cv" in fit.metrics
+    assert "np.str_" not in repr(fit.metrics) and list(fit.metrics["cv"]["per_class"]) == ["a", "b"]  # plain str
     head = fz.load_head(fit.path)  # the cache is the one the head file sits in
     ds = fz.load_features(env["data"], cache=env["cache"])
     by_path = head.predict(ds.paths)

@@ -198,6 +198,7 @@ def test_python_api_audit_then_fit_without_the_flagged_images(tmp_path, monkeypa
     found = fz.audit(root, cache=cache, head="centroid")
     assert (found.label_issues, found.near_duplicate_groups) == (1, 1) and found.outliers >= 1
     assert {(r["issue"], r["path"]) for r in found.rows} >= {("label", roles["flipped"]), ("outlier", roles["outlier"])}
+    assert "np.str_" not in repr(found.rows)  # paths and labels as plain str in a notebook
     assert Path(found.paths["csv"]).is_file() and found.to_dict()["refit_command"].endswith(found.paths["csv"])
     # not run as cli.py: the printed command is the console script's (a pip install has no cli.py)
     assert shlex.split(found.to_dict()["refit_command"])[:2] == ["featurize", "fit"]
