@@ -54,7 +54,7 @@ def cli(*args, env=None) -> tuple[dict, float, str]:
 # Runs the CLI in this subprocess with ShardWriter.add timed: when each batch of vectors reached the writer
 # (the driver's side of every path: local threads, the torch pipeline, Ray), written as JSON to argv[1].
 _TIMED = """
-import atexit, json, sys, time
+import atexit, json, os, sys, time
 from featurize import cache as fc
 arrivals = []
 add = fc.ShardWriter.add
@@ -63,8 +63,11 @@ def timed(self, hashes, emb):
     arrivals.append((time.time(), len(hashes)))
 fc.ShardWriter.add = timed
 atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps(arrivals)))
+if os.environ.get("FZ_BENCH_LANES"):  # the `ray-1lane` contender: one block at a time per model worker
+    import featurize.distributed
+    featurize.distributed.STORED_LANES = int(os.environ["FZ_BENCH_LANES"])
 if "--ray" in sys.argv:  # CPU seconds of this driver and the Ray processes it started, taken before ray.shutdown
-    import os, ray
+    import ray
     shutdown = ray.shutdown
     def cpu_then_shutdown(*a, **k):
         open(sys.argv[1] + ".cpu", "w").write(json.dumps(tree_cpu(os.getpid())))
@@ -163,7 +166,10 @@ def bench_ray(tmp: Path, rounds: int, sets: list[str], contenders: list[str]) ->
         for name in sets:
             for how in contenders:
                 cache = tmp / f"{how}-{r}"
-                flag = {"local": [], "ray": ["--ray"], "ray-auto": ["--ray", "auto"]}[how]
+                flag = {"local": [], "ray": ["--ray"], "ray-1lane": ["--ray"], "ray-auto": ["--ray", "auto"]}[how]
+                os.environ.pop("FZ_BENCH_LANES", None)
+                if how == "ray-1lane":  # the stored-engine worker embedding one block at a time (before lanes)
+                    os.environ["FZ_BENCH_LANES"] = "1"
                 if how == "ray-auto":
                     ray_head(True)  # started outside the measured run: what a running cluster saves
                 before = load()

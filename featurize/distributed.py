@@ -38,6 +38,7 @@ import importlib.util
 import logging
 import math
 import os
+import queue
 import socket
 import time
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ class RayPipeline:
                          else os.path.realpath(backbone), "weights": os.path.realpath(weights) if weights else None,
                          "device": "cpu", "precision": rec["precision"], "engine": "openvino",
                          "space_id": rec["space_id"], "dim": int(rec["dim"]), "preprocess": lean.preprocess,
-                         "per_node": self.workers_per_node or 1}
+                         "per_node": self.workers_per_node or 1, "lanes": STORED_LANES}
             bb = _Described(rec["backbone"], int(rec["dim"]), lean.preprocess)
             return RayExtractor(bb, _WorkerEngine("openvino"), "cpu", rec["precision"], lean.space, self)
         import torch
@@ -263,8 +264,12 @@ class RayPipeline:
             blocks = _growing_blocks(len(paths), batch_size, max(STORED_BLOCK_CALLS * batch_size,
                                                                      math.ceil(len(paths) / 20_000)))
             ds = ray.data.from_arrow([table.slice(o, n) for o, n in blocks])
+            # STORED_LANES calls at once per actor, one more block queued
+            n = self.spec["lanes"]
+            lanes = ray.data.ActorPoolStrategy(size=self.actors, max_tasks_in_flight_per_actor=n + 1,
+                                               max_concurrent_calls_per_actor=n, enable_true_multi_threading=n > 1)
             ds = ds.map_batches(_StoredEmbedder, fn_constructor_kwargs={"spec": self.spec, "batch_size": batch_size},
-                                batch_size=None, batch_format="numpy", compute=pool, num_cpus=1)
+                                batch_size=None, batch_format="numpy", compute=lanes, num_cpus=1)
         else:
             # CPU actors run two batches in flight (OpenVINO's two streams); the decode tasks share the cores.
             per_call = batch_size if self.gpus else 2 * batch_size
@@ -448,6 +453,8 @@ RAY_CPU_DEVICE = "ray-cpu"
 
 #: model calls per block (Ray batch) for the stored-engine workers, once the first blocks are back
 STORED_BLOCK_CALLS = 8
+#: blocks a stored-engine worker embeds at once (Ray Data calls it from that many threads)
+STORED_LANES = 2
 
 
 def _growing_blocks(n: int, first: int, most: int) -> list[tuple[int, int]]:
@@ -518,6 +525,15 @@ class _StoredEmbedder:
         else:
             self.engine, self.built = _build_engine(spec)[0], "converted"
         self.spec, self.batch_size, self.dim, self.dev = spec, batch_size, spec["dim"], "cpu"
+        # STORED_LANES blocks run at once, each on its own share of the engine's infer requests (streams)
+        # and decode threads: when one block drains (its last batches in the engine, nothing left to
+        # decode), the other keeps the cores busy, as a local run's one long pipeline does
+        runner = getattr(self.engine, "runner", self.engine)  # OpenVINOEngine (converted) wraps a CompiledEngine
+        n = max(1, min(spec.get("lanes", STORED_LANES), len(runner.requests)))
+        self.runner, self.lanes = runner, queue.SimpleQueue()
+        for k in range(n):
+            self.lanes.put(runner.requests[k::n])
+        self.lane_threads = max(1, self.threads // n)
         self.load_s = time.perf_counter() - t
         self.node, self.ready_at = ray.get_runtime_context().get_node_id(), time.time()
         self.actor = f"{self.node}:{os.getpid()}"
@@ -532,7 +548,7 @@ class _StoredEmbedder:
         errors, decode_s = np.full(n, "", dtype=object), np.zeros(n)
 
         def decoded():
-            for b in fastdecode.reader(paths, self.spec["preprocess"], self.batch_size, self.threads):
+            for b in fastdecode.reader(paths, self.spec["preprocess"], self.batch_size, self.lane_threads):
                 for i, reason in b["errors"]:
                     if not os.path.isdir(os.path.dirname(paths[i])):
                         raise WorkerCannotRead(f"Ray worker on {socket.gethostname()} cannot read "
@@ -544,6 +560,10 @@ class _StoredEmbedder:
                     yield b["index"], b["images"]
 
         t = time.perf_counter()
-        for index, out in self.engine.map(decoded()):
-            emb[index] = out
+        lane = self.lanes.get()
+        try:
+            for index, out in self.runner.map(decoded(), requests=lane):
+                emb[index] = out
+        finally:
+            self.lanes.put(lane)
         return _result(self, batch["i"], emb, errors, decode_s, time.perf_counter() - t, call_at)

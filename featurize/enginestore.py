@@ -198,11 +198,15 @@ class CompiledEngine:
         """uint8 (N, 3, H, W) -> float32 (N, D) numpy (one batch, one stream)."""
         return list(self.map([(None, images)]))[0][1]
 
-    def map(self, batches):
-        """Keep up to ``in_flight`` batches running (one per stream); yield results in order."""
+    def map(self, batches, requests=None):
+        """Keep up to ``in_flight`` batches running (one per stream); yield results in order.
+
+        ``requests``: run on these of the engine's infer requests only (so that concurrent callers,
+        each with its own requests, share one compiled engine: ``featurize.distributed``)."""
         from collections import deque
 
-        free, running = deque(self.requests), deque()  # running: (tag, request, input kept alive)
+        # running: (tag, request, input kept alive)
+        free, running = deque(self.requests if requests is None else requests), deque()
 
         def finish():
             tag, req, _ = running.popleft()
