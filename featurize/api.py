@@ -124,6 +124,12 @@ def load_features(data=None, cache=None, backbone: str | None = None) -> Feature
     _, index = fc.find_index(cache, data)
     space = fc.resolve_space(cache, index, backbone)
     X, labels, splits, rel = fc.load_features(cache, index, space)
+    if len(X) == 0:  # e.g. a first extract still running: its index lists every image as pending
+        pending = sum(s == fc.STATUS_PENDING for s in index.status)
+        why = f" ({pending} of {len(index.status)} images pending: an extract is running or was interrupted)" \
+            if pending else ""
+        raise UserError(f"no embedded images for {index.root} in space {space.space_id}{why}; "
+                        f"run fz.extract({index.root!r}) to finish it")
     paths = [os.path.join(index.root, p) for p in rel]
     return Features(X, labels.astype(str), paths, index.classes, splits.astype(str), index.root, space.space_id,
                     space.info().get("backbone", space.space_id))

@@ -153,3 +153,19 @@ def test_fit_and_load_head_predict_files_features_and_new_images(env, tmp_path, 
     with pytest.raises(fz.UserError, match="trust=True"):
         (tmp_path / "other.joblib").write_bytes(Path(fit.path).read_bytes() + b"\0")
         fz.load_head(tmp_path / "other.joblib")
+
+
+def test_load_features_while_the_first_extract_runs_is_an_error_not_zero_rows(env, tmp_path):
+    # what a first extract's index looks like while it runs: every image listed, all pending
+    import shutil
+
+    from featurize import cache as fc
+
+    fz, cache = env["fz"], tmp_path / "cache"
+    shutil.copytree(env["cache"], cache)
+    ipath, index = fc.find_index(cache, env["data"])
+    index.status = [fc.STATUS_PENDING] * len(index.status)
+    fc.write_index(ipath, index)
+    with pytest.raises(fz.UserError, match=r"10 of 10 images pending: an extract is running") as e:
+        fz.load_features(env["data"], cache=cache)
+    assert "fz.extract(" in str(e.value)
