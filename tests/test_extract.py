@@ -295,7 +295,8 @@ def test_kill9_at_random_times_loses_little(crash_data, tmp_path):
 
 
 def test_ctrl_c_saves_work_and_exits_with_one_line(tmp_path):
-    data = make_dataset(tmp_path / "d", per_class=150, classes=("a", "b"))
+    n = 600  # enough that a quiet machine is still embedding when the signal lands
+    data = make_dataset(tmp_path / "d", per_class=n // 2, classes=("a", "b"))
     cache = tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", str(data), "--backbone", "tiny",
                              "--precision", "fp32", "--workers", "1", "--batch-size", "2", "--cache", str(cache),
@@ -310,6 +311,8 @@ def test_ctrl_c_saves_work_and_exits_with_one_line(tmp_path):
             break
         time.sleep(0.05)
     assert features_dir is not None
+    if proc.poll() is not None:
+        pytest.skip("extract finished before it could be interrupted")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -320,9 +323,9 @@ def test_ctrl_c_saves_work_and_exits_with_one_line(tmp_path):
     # Ctrl-C landing just after a shard's rename makes the final flush write those rows again:
     # a harmless duplicate (reads keep the first copy, compaction drops it), so count hashes.
     saved = _unique_hashes(features_dir)
-    assert 0 < saved < 300
+    assert 0 < saved < n
     p = run_cli("extract", data, "--backbone", "tiny", "--precision", "fp32", "--cache", cache, "--json", check=0)
-    assert last_json(p)["embedded"] == 300 - saved and last_json(p)["ok"] == 300
+    assert last_json(p)["embedded"] == n - saved and last_json(p)["ok"] == n
     shutil.rmtree(cache)
 
 
